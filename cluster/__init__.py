@@ -1,0 +1,1 @@
+"""What makes several Warren nodes one broker: the replicated state machine, placement, links."""
