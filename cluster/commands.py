@@ -1,0 +1,252 @@
+"""Commands: every change to the broker's state, as a frozen value.
+
+Rules: a command is plain data (no objects with behaviour, no callbacks), built by the
+channel layer and applied by `cluster.state.StateMachine.apply`. Time travels inside the
+command (`now_ms`), never read from a clock by whoever applies it. This module imports
+only the broker's value types. Keyword-only, so fields can be added without reordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from node.broker.types import ChannelRef, ConnId, FieldTable, Properties
+
+
+def _no_args() -> FieldTable:
+    return {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command:
+    now_ms: int = 0
+
+
+# ---- connections and channels ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenChannel(Command):
+    channel: ChannelRef
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseChannel(Command):
+    """Channel closed (by either side): cancel its consumers (auto-delete queues may go),
+    requeue its unacked messages with redelivered=true."""
+
+    channel: ChannelRef
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseConnection(Command):
+    """Connection gone: close every channel of it, delete its exclusive queues."""
+
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetWritable(Command):
+    """Flow control from the I/O shell: while a connection's socket is backed up, the
+    model delivers nothing to its consumers; on writable=True it resumes delivering."""
+
+    conn: ConnId
+    writable: bool
+
+
+# ---- exchanges -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeclareExchange(Command):
+    vhost: str
+    exchange: str
+    type: str
+    passive: bool = False
+    durable: bool = False
+    auto_delete: bool = False
+    internal: bool = False
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteExchange(Command):
+    vhost: str
+    exchange: str
+    if_unused: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BindExchange(Command):
+    vhost: str
+    destination: str
+    source: str
+    routing_key: str
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnbindExchange(Command):
+    vhost: str
+    destination: str
+    source: str
+    routing_key: str
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+# ---- queues --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeclareQueue(Command):
+    """`queue` is never empty: the channel layer generates `amq.gen-...` names, so the
+    command is deterministic. `owner` is the declaring connection (exclusive ownership and
+    the 405 RESOURCE_LOCKED check)."""
+
+    vhost: str
+    queue: str
+    owner: ConnId
+    passive: bool = False
+    durable: bool = False
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteQueue(Command):
+    vhost: str
+    queue: str
+    owner: ConnId
+    if_unused: bool = False
+    if_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PurgeQueue(Command):
+    vhost: str
+    queue: str
+    owner: ConnId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BindQueue(Command):
+    vhost: str
+    queue: str
+    exchange: str
+    routing_key: str
+    owner: ConnId
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnbindQueue(Command):
+    vhost: str
+    queue: str
+    exchange: str
+    routing_key: str
+    owner: ConnId
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+# ---- basic ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Publish(Command):
+    channel: ChannelRef
+    vhost: str
+    exchange: str
+    routing_key: str
+    mandatory: bool
+    properties: bytes
+    props: Properties
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Qos(Command):
+    """prefetch_count for consumers created after it (global=False) or for the whole
+    channel (global=True), as RabbitMQ 3.x interprets basic.qos."""
+
+    channel: ChannelRef
+    prefetch_count: int
+    global_: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Consume(Command):
+    """`consumer_tag` is never empty: the channel layer generates `amq.ctag-...`."""
+
+    channel: ChannelRef
+    vhost: str
+    queue: str
+    consumer_tag: str
+    no_ack: bool = False
+    exclusive: bool = False
+    arguments: FieldTable = field(default_factory=_no_args)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Command):
+    channel: ChannelRef
+    consumer_tag: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Get(Command):
+    channel: ChannelRef
+    vhost: str
+    queue: str
+    no_ack: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Command):
+    channel: ChannelRef
+    delivery_tag: int
+    multiple: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Nack(Command):
+    """basic.nack and basic.reject (reject is Nack with multiple=False)."""
+
+    channel: ChannelRef
+    delivery_tag: int
+    multiple: bool = False
+    requeue: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recover(Command):
+    """basic.recover(requeue=True): every unacked message of the channel goes back to
+    its queue, redelivered=true."""
+
+    channel: ChannelRef
+    requeue: bool = True
+
+
+AnyCommand = (
+    OpenChannel
+    | CloseChannel
+    | CloseConnection
+    | SetWritable
+    | DeclareExchange
+    | DeleteExchange
+    | BindExchange
+    | UnbindExchange
+    | DeclareQueue
+    | DeleteQueue
+    | PurgeQueue
+    | BindQueue
+    | UnbindQueue
+    | Publish
+    | Qos
+    | Consume
+    | Cancel
+    | Get
+    | Ack
+    | Nack
+    | Recover
+)

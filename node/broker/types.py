@@ -1,0 +1,154 @@
+"""Value types shared by the broker model, the state machine and the channel layer.
+
+Rules: plain data only. This module imports nothing from anyio, pysyncobj or sockets, and
+nothing from the rest of Warren. Everything here is deterministic and cheap to copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# A connection is named by a node-local integer id; a channel by (connection id, channel id).
+ConnId = int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRef:
+    conn: ConnId
+    channel: int
+
+
+# Field tables as pamqp decodes them: str keys, values of the AMQP field types.
+FieldTable = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Properties:
+    """The few basic properties the broker itself reads. The raw encoded properties
+    travel beside them untouched and are what a consumer receives."""
+
+    delivery_mode: int = 1
+    priority: int | None = None
+    expiration: str | None = None
+    headers: FieldTable | None = None
+
+
+@dataclass(slots=True)
+class Message:
+    """One published message. `properties` is the encoded property block exactly as the
+    publisher sent it (flags + property list, no class/weight/body-size prefix)."""
+
+    id: int  # broker-wide, monotonically increasing: queue order and requeue position
+    exchange: str
+    routing_key: str
+    properties: bytes
+    props: Properties
+    body: bytes
+    published_ms: int = 0
+    redelivered: bool = False
+    delivery_count: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    @property
+    def persistent(self) -> bool:
+        return self.props.delivery_mode == 2
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpError:
+    """A client's mistake, as data. `connection` errors close the connection, the others
+    close only the channel. class_id/method_id name the offending method (0 if none)."""
+
+    reply_code: int
+    reply_text: str
+    class_id: int = 0
+    method_id: int = 0
+    connection: bool = False
+
+
+# ---- Effects: what applying a command asks the I/O shell to do -----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """basic.deliver to a consumer on `channel`."""
+
+    channel: ChannelRef
+    consumer_tag: str
+    delivery_tag: int
+    redelivered: bool
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class CancelConsumer:
+    """Server-initiated basic.cancel (consumer_cancel_notify): the queue went away."""
+
+    channel: ChannelRef
+    consumer_tag: str
+
+
+Effect = Deliver | CancelConsumer
+
+
+# ---- Replies: what a command answers to the channel that sent it ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """A plain success (exchange.declare-ok, bind-ok, basic.ack accepted, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDeclared:
+    queue: str
+    message_count: int
+    consumer_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """queue.purge-ok / queue.delete-ok message count."""
+
+    message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Result of a publish. `returned` is set when mandatory and no queue took it: the
+    channel sends basic.return(312, NO_ROUTE) before any confirm."""
+
+    queues: int
+    returned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeOk:
+    consumer_tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetOk:
+    delivery_tag: int
+    redelivered: bool
+    message_count: int  # messages left ready in the queue after this one
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class GetEmpty:
+    pass
+
+
+Reply = Ok | QueueDeclared | Count | Routed | ConsumeOk | GetOk | GetEmpty | AmqpError
+
+
+@dataclass(slots=True)
+class Outcome:
+    reply: Reply
+    effects: list[Effect] = field(default_factory=list)
