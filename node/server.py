@@ -1,0 +1,539 @@
+"""The I/O shell: sockets, tasks and timers around the sans-I/O protocol and the model.
+
+Rules: one task group per client connection (reader, writer, ticker); one writer task per
+socket; a connection's failure never reaches the listener. Everything that changes broker
+state goes through `BrokerNode.execute(command)`; effects (deliveries to other
+connections) are dispatched after the method that caused them has queued its reply.
+Memory is bounded: a connection whose socket backs up stops receiving deliveries
+(SetWritable), and publishers are blocked (connection.blocked, socket not read) while the
+bytes of queued messages exceed the memory high watermark.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import platform
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import SocketAttribute, SocketStream
+from pamqp import commands as spec
+
+from cluster import commands as cmd
+from cluster.state import StateMachine
+from node import __version__
+from node.broker.types import AmqpError, CancelConsumer, Deliver, Effect, Reply
+from node.channel import Channel, ChannelError
+from node.config import NodeConfig, default_watermark
+from node.logs import EventLogger
+from node.protocol.codec import HEARTBEAT_FRAME
+from node.protocol.connection import (
+    ChannelClosed,
+    ChannelContent,
+    ChannelMethod,
+    ChannelOpened,
+    ConnectionClosed,
+    ConnectionLost,
+    LoginRequested,
+    ServerConnection,
+    VhostRequested,
+)
+
+READ_SIZE = 256 * 1024
+# Outgoing bytes queued for one socket: above HIGH the model stops delivering to the
+# connection's consumers, below LOW it resumes (RabbitMQ's credit flow, in bytes).
+OUT_HIGH = 4 * 1024 * 1024
+OUT_LOW = 1 * 1024 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0  # RabbitMQ's handshake_timeout
+CLOSE_OK_TIMEOUT_S = 3.0  # how long a server-initiated close waits for close-ok
+SHUTDOWN_GRACE_S = 3.0
+# Reply codes that the AMQP 0-9-1 spec makes connection errors ("hard errors").
+HARD_ERRORS = frozenset({320, 402, 501, 502, 503, 504, 505, 506, 530, 540, 541})
+SHUTDOWN_TEXT = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
+
+CAPABILITIES = {
+    "publisher_confirms": True,
+    "exchange_exchange_bindings": True,
+    "basic.nack": True,
+    "consumer_cancel_notify": True,
+    "connection.blocked": True,
+    "consumer_priorities": True,
+    "authentication_failure_close": True,
+    "per_consumer_qos": True,
+    "direct_reply_to": True,
+}
+
+
+def server_properties(config: NodeConfig) -> dict[str, Any]:
+    return {
+        "product": "Warren",
+        "version": __version__,
+        "platform": f"Python {platform.python_version()}",
+        "copyright": "Warren contributors",
+        "information": "Licensed under the Apache License 2.0",
+        "cluster_name": config.cluster_name,
+        "capabilities": dict(CAPABILITIES),
+    }
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+class BrokerNode:
+    """One node's broker: the state machine, the live connections, the memory alarm."""
+
+    def __init__(self, config: NodeConfig, log: EventLogger) -> None:
+        self.config = config
+        self.log = log
+        self.state = StateMachine()
+        self.connections: dict[int, ClientConnection] = {}
+        self.watermark = config.memory_high_watermark_bytes or default_watermark()
+        self.alarm = False
+        self.alarm_cleared = anyio.Event()
+        self.connections_changed = anyio.Event()
+        self._next_conn = 1
+        self._effects: list[Effect] = []
+        self._dirty: set[ClientConnection] = set()
+        self._dispatching = False
+        self.properties = server_properties(config)
+
+    # ---- commands and effects ----------------------------------------------------------
+
+    def execute(self, command: cmd.AnyCommand) -> Reply:
+        outcome = self.state.apply(command)
+        if outcome.effects:
+            self._effects.extend(outcome.effects)
+        return outcome.reply
+
+    def mark_dirty(self, conn: ClientConnection) -> None:
+        self._dirty.add(conn)
+
+    def dispatch(self) -> None:
+        """Deliver pending effects to their connections, then flush every touched socket."""
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._effects or self._dirty:
+                effects, self._effects = self._effects, []
+                for effect in effects:
+                    conn = self.connections.get(effect.channel.conn)
+                    if conn is not None:
+                        conn.apply_effect(effect)
+                dirty, self._dirty = self._dirty, set()
+                for conn in dirty:
+                    conn.flush_out()
+            self._check_memory()
+        finally:
+            self._dispatching = False
+
+    def _check_memory(self) -> None:
+        used = self.state.total_message_bytes
+        if not self.alarm and used > self.watermark:
+            self.alarm = True
+            self.alarm_cleared = anyio.Event()
+            self.log.warning("memory.alarm.set", used_bytes=used, watermark_bytes=self.watermark)
+        elif self.alarm and used <= self.watermark:
+            self.alarm = False
+            self.alarm_cleared.set()
+            self.log.info("memory.alarm.cleared", used_bytes=used, watermark_bytes=self.watermark)
+
+    # ---- connections -------------------------------------------------------------------
+
+    async def handle_client(self, stream: SocketStream) -> None:
+        conn_id = self._next_conn
+        self._next_conn += 1
+        try:
+            host, port = stream.extra(SocketAttribute.remote_address)[:2]
+            peer = f"{host}:{port}"
+        except Exception:
+            host, peer = "", "?"
+        conn = ClientConnection(self, stream, conn_id, str(host), peer)
+        self.connections[conn_id] = conn
+        try:
+            await conn.run()
+        except Exception:
+            # Our bug, not the client's: log it on one line, drop this connection only.
+            self.log.exception("connection.crashed", conn=conn_id, peer=peer)
+        finally:
+            self.connections.pop(conn_id, None)
+            self.connections_changed.set()
+            conn.release()
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def shutdown(self) -> None:
+        self.log.info("node.stopping", connections=len(self.connections))
+        for conn in list(self.connections.values()):
+            conn.force_close(320, SHUTDOWN_TEXT)
+        self.dispatch()
+        with anyio.move_on_after(SHUTDOWN_GRACE_S):
+            while self.connections:
+                self.connections_changed = anyio.Event()
+                await self.connections_changed.wait()
+
+
+class ClientConnection:
+    """One client socket: feeds the sans-I/O connection, runs its channels, writes back."""
+
+    def __init__(
+        self, node: BrokerNode, stream: SocketStream, conn_id: int, host: str, peer: str
+    ) -> None:
+        self.node = node
+        self.stream = stream
+        self.conn_id = conn_id
+        self.host = host
+        self.peer = peer
+        self.vhost = "/"
+        self.user = ""
+        self.log = node.log.bind(conn=conn_id)
+        cfg = node.config
+        self.proto = ServerConnection(
+            server_properties=node.properties,
+            channel_max=cfg.channel_max,
+            frame_max=cfg.frame_max,
+            heartbeat=cfg.heartbeat,
+            now=time.monotonic(),
+        )
+        self.channels: dict[int, Channel] = {}
+        self._out: deque[bytes] = deque()
+        self._out_bytes = 0
+        self._out_ready = anyio.Event()
+        self._drained = anyio.Event()
+        self.writable = True
+        self.publisher = False
+        self.blocked = False
+        self.opened = False
+        self.closed = False
+        self._close_deadline: float | None = None
+        self._started = time.monotonic()
+        self._released = False
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            LoginRequested: self._on_login,
+            VhostRequested: self._on_vhost,
+            ChannelOpened: self._on_channel_opened,
+            ChannelMethod: self._on_channel_method,
+            ChannelContent: self._on_channel_content,
+            ChannelClosed: self._on_channel_closed,
+            ConnectionClosed: self._on_connection_closed,
+            ConnectionLost: self._on_connection_lost,
+        }
+
+    # ---- Host protocol for channels ----------------------------------------------------
+
+    def execute(self, command: cmd.AnyCommand) -> Reply:
+        return self.node.execute(command)
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def note_publish(self) -> None:
+        self.publisher = True
+
+    # ---- tasks -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.log.info("connection.accepted", peer=self.peer)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._writer)
+            tg.start_soon(self._ticker)
+            try:
+                await self._reader()
+            finally:
+                self.closed = True
+                # Let the writer put the last frames (close, close-ok) on the wire.
+                with anyio.move_on_after(1.0, shield=True):
+                    self._flush_pending()
+                    while self._out_bytes > 0:
+                        self._drained = anyio.Event()
+                        await self._drained.wait()
+                tg.cancel_scope.cancel()
+
+    async def _reader(self) -> None:
+        while not self.closed:
+            if self.node.alarm and self.publisher:
+                await self._blocked_wait()
+                continue
+            if self._out_bytes > OUT_HIGH:
+                # The client is not reading what we send: stop reading what it sends.
+                self._drained = anyio.Event()
+                await self._drained.wait()
+                continue
+            try:
+                data = await self.stream.receive(READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if not self.closed:
+                    self.log.info("connection.lost", peer=self.peer, reason="socket closed")
+                return
+            except OSError as exc:
+                self.log.info("connection.lost", peer=self.peer, reason=str(exc))
+                return
+            self.proto.receive_data(data, time.monotonic())
+            self._process_events()
+            self.node.dispatch()
+
+    async def _blocked_wait(self) -> None:
+        if not self.blocked:
+            self.blocked = True
+            self.proto.send_blocked("low on memory")
+            self.node.mark_dirty(self)
+            self.node.dispatch()
+            self.log.info("connection.blocked", reason="low on memory")
+        await self.node.alarm_cleared.wait()
+        self.blocked = False
+        self.proto.send_unblocked()
+        self.node.mark_dirty(self)
+        self.node.dispatch()
+        self.log.info("connection.unblocked")
+
+    async def _writer(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = anyio.Event()
+            while self._out:
+                if len(self._out) == 1:
+                    chunk = self._out.popleft()
+                else:
+                    chunk = b"".join(self._out)
+                    self._out.clear()
+                try:
+                    await self.stream.send(chunk)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    self._out.clear()
+                    self._out_bytes = 0
+                    self.closed = True
+                    self._drained.set()
+                    return
+                self._out_bytes -= len(chunk)
+                if not self.writable and self._out_bytes < OUT_LOW and not self.closed:
+                    self.writable = True
+                    self.node.execute(cmd.SetWritable(conn=self.conn_id, writable=True))
+                    self.node.dispatch()
+            self._drained.set()
+
+    async def _ticker(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            now = time.monotonic()
+            if self._close_deadline is not None and now > self._close_deadline:
+                self.log.info("connection.close_timeout", peer=self.peer)
+                await self._abort()
+                return
+            if not self.opened and now - self._started > HANDSHAKE_TIMEOUT_S:
+                self.log.info("connection.handshake_timeout", peer=self.peer)
+                await self._abort()
+                return
+            if self.blocked:
+                # Not reading while blocked: keep the client's heartbeat monitor fed.
+                if self.proto.heartbeat:
+                    self._enqueue(HEARTBEAT_FRAME)
+                continue
+            self.proto.tick(now)
+            self._process_events()
+            self.node.dispatch()
+
+    async def _abort(self) -> None:
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+    # ---- events from the protocol ------------------------------------------------------
+
+    def _process_events(self) -> None:
+        proto = self.proto
+        handlers = self._handlers
+        while not self.closed:
+            event = proto.next_event()
+            if event is None:
+                break
+            handlers[type(event)](event)
+            if self.node._effects:
+                self.node.dispatch()
+        self.node.mark_dirty(self)
+
+    def _on_login(self, ev: LoginRequested) -> None:
+        user = self.node.config.user(ev.username)
+        refused = f"ACCESS_REFUSED - Login was refused using authentication mechanism {ev.mechanism}. For details see the broker logfile."  # noqa: E501
+        if user is None or user.password != ev.password:
+            self.log.info("auth.refused", user=ev.username, peer=self.peer, reason="credentials")
+            self.proto.refuse_login(refused)
+        elif ev.username in self.node.config.loopback_users and not is_loopback(self.host):
+            self.log.info("auth.refused", user=ev.username, peer=self.peer, reason="loopback_only")
+            self.proto.refuse_login(refused)
+        else:
+            self.user = ev.username
+            self.proto.accept_login()
+
+    def _on_vhost(self, ev: VhostRequested) -> None:
+        if ev.vhost in self.node.config.vhosts:
+            self.vhost = ev.vhost
+            self.opened = True
+            self.proto.accept_vhost()
+            self.log.info("connection.opened", user=self.user, vhost=ev.vhost, peer=self.peer)
+        else:
+            self.log.info("connection.refused", vhost=ev.vhost, reason="vhost not found")
+            self.proto.refuse_vhost(530, f"NOT_ALLOWED - vhost {ev.vhost} not found")
+
+    def _on_channel_opened(self, ev: ChannelOpened) -> None:
+        channel = Channel(self, ev.channel)
+        self.channels[ev.channel] = channel
+        self.node.execute(cmd.OpenChannel(channel=channel.ref))
+
+    def _on_channel_method(self, ev: ChannelMethod) -> None:
+        channel = self.channels.get(ev.channel)
+        if channel is None:
+            return  # closing on our side: the protocol discards, this is belt and braces
+        try:
+            channel.handle_method(ev.method)
+        except ChannelError as exc:
+            self._fail(channel, exc.error)
+        else:
+            if channel.confirm:
+                channel.flush_confirms()
+
+    def _on_channel_content(self, ev: ChannelContent) -> None:
+        channel = self.channels.get(ev.channel)
+        if channel is None:
+            return
+        try:
+            channel.handle_publish(ev)
+        except ChannelError as exc:
+            self._fail(channel, exc.error)
+        else:
+            if channel.confirm:
+                channel.flush_confirms()
+
+    def _on_channel_closed(self, ev: ChannelClosed) -> None:
+        channel = self.channels.pop(ev.channel, None)
+        if channel is not None:
+            self.node.execute(cmd.CloseChannel(channel=channel.ref))
+
+    def _on_connection_closed(self, ev: ConnectionClosed) -> None:
+        self.log.info(
+            "connection.closed",
+            peer=self.peer,
+            by_peer=ev.by_peer,
+            reply_code=ev.reply_code,
+            reply_text=ev.reply_text,
+        )
+        self.closed = True
+
+    def _on_connection_lost(self, ev: ConnectionLost) -> None:
+        self.log.info("connection.lost", peer=self.peer, reason=ev.reason)
+        self.closed = True
+
+    def _fail(self, channel: Channel, error: AmqpError) -> None:
+        channel.flush_confirms()
+        self.log.info(
+            "channel.error",
+            channel=channel.number,
+            reply_code=error.reply_code,
+            reply_text=error.reply_text,
+        )
+        if error.connection or error.reply_code in HARD_ERRORS:
+            self.force_close(error.reply_code, error.reply_text, error.class_id, error.method_id)
+            return
+        self.proto.close_channel(
+            channel.number, error.reply_code, error.reply_text, error.class_id, error.method_id
+        )
+        self.channels.pop(channel.number, None)
+        self.node.execute(cmd.CloseChannel(channel=channel.ref))
+
+    def force_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
+        """Server-initiated connection.close; the socket goes after close-ok or a timeout."""
+        if self._close_deadline is None:
+            self.proto.close(code, text, class_id, method_id)
+            self._close_deadline = time.monotonic() + CLOSE_OK_TIMEOUT_S
+            self.node.mark_dirty(self)
+
+    # ---- effects and output ------------------------------------------------------------
+
+    def apply_effect(self, effect: Effect) -> None:
+        if type(effect) is Deliver:
+            msg = effect.message
+            self.proto.send_deliver(
+                effect.channel.channel,
+                effect.consumer_tag,
+                effect.delivery_tag,
+                effect.redelivered,
+                msg.exchange,
+                msg.routing_key,
+                msg.properties,
+                msg.body,
+            )
+        elif type(effect) is CancelConsumer:
+            self.proto.send_method(
+                effect.channel.channel, spec.Basic.Cancel(effect.consumer_tag, True)
+            )
+        self.node.mark_dirty(self)
+
+    def _enqueue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._out_ready.set()
+
+    def _flush_pending(self) -> None:
+        data = self.proto.data_to_send()
+        if data:
+            self._enqueue(data)
+
+    def flush_out(self) -> None:
+        self._flush_pending()
+        if self.writable and self._out_bytes > OUT_HIGH:
+            self.writable = False
+            self.node.execute(cmd.SetWritable(conn=self.conn_id, writable=False))
+
+    def release(self) -> None:
+        """The connection is gone: its channels close, its exclusive queues go."""
+        if self._released:
+            return
+        self._released = True
+        self.channels.clear()
+        self.node.execute(cmd.CloseConnection(conn=self.conn_id))
+        self.node.dispatch()
+        self.log.info("connection.released", peer=self.peer)
+
+
+async def serve(
+    config: NodeConfig,
+    log: EventLogger,
+    on_ready: Callable[[], Awaitable[None] | None] | None = None,
+) -> None:
+    """Listen for AMQP clients until SIGTERM/SIGINT, then close them with 320 and return."""
+    node = BrokerNode(config, log)
+    listener = await anyio.create_tcp_listener(local_host=config.host, local_port=config.port)
+    log.info(
+        "node.listening",
+        host=config.host,
+        port=config.port,
+        memory_high_watermark_bytes=node.watermark,
+    )
+    async with anyio.create_task_group() as tg:
+
+        async def accept_loop() -> None:
+            async with listener:
+                await listener.serve(node.handle_client)
+
+        tg.start_soon(accept_loop)
+        if on_ready is not None:
+            result = on_ready()
+            if result is not None:
+                await result
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("node.signal", signal=signal.Signals(signum).name)
+                break
+        await node.shutdown()
+        tg.cancel_scope.cancel()
+    log.info("node.stopped")
