@@ -253,3 +253,241 @@ def pika_env(broker_url: str) -> Iterator[PikaEnv]:
     env = PikaEnv(broker_url)
     yield env
     env.close()
+
+
+# --- raw AMQP sockets and CLI runs for the connection-level tests ---------------------------
+# (test_connection.py, test_errors.py, test_cli.py, test_backpressure.py)
+
+# Tests reach these through the fixture's objects (RawAmqp.BODY, client.encode_frame(...)),
+# never by importing conftest.
+AMQP_0091_HEADER = b"AMQP\x00\x00\x09\x01"
+FRAME_END = 0xCE
+
+
+def encode_frame(kind: int, channel: int, payload: bytes, end: int = FRAME_END) -> bytes:
+    """One frame as raw bytes; `end` lets a test send a bad frame-end octet."""
+    import struct
+
+    return struct.pack(">BHI", kind, channel, len(payload)) + payload + bytes([end])
+
+
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """A frame as it came off the wire (payload without the 7-byte header and end octet)."""
+
+    kind: int
+    channel: int
+    payload: bytes
+
+    @property
+    def wire_size(self) -> int:
+        return 7 + len(self.payload) + 1
+
+    def decode(self) -> Any:
+        """The pamqp object for this frame (method, content header, body or heartbeat)."""
+        from pamqp import frame as pamqp_frame
+
+        return pamqp_frame.unmarshal(encode_frame(self.kind, self.channel, self.payload))[2]
+
+
+class RawAmqp:
+    """A blocking AMQP 0-9-1 client on a bare socket, for what pika cannot or will not send.
+
+    Frames are read with our own length-prefixed buffer (pamqp only decodes whole frames).
+    A peer reset counts as end of stream: `recv_raw()` returns None once the socket is closed.
+    """
+
+    PROTOCOL_HEADER = AMQP_0091_HEADER
+    METHOD, HEADER, BODY, HEARTBEAT = 1, 2, 3, 8  # frame types
+    encode_frame = staticmethod(encode_frame)
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self._buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_method(self, method: Any, channel: int = 0) -> None:
+        """Send a pamqp method, content header or body object on `channel`."""
+        from pamqp import frame as pamqp_frame
+
+        self.send(pamqp_frame.marshal(method, channel))
+
+    def _read(self, n: int, deadline: float) -> bytes | None:
+        while len(self._buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete frame within {self.timeout}s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return None
+            self._buf += chunk
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def recv_raw(self, timeout: float | None = None) -> RawFrame | None:
+        """The next frame, or None when the server closed the socket; TimeoutError if none."""
+        import struct
+
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        head = self._read(7, deadline)
+        if head is None:
+            return None
+        kind, channel, size = struct.unpack(">BHI", head)
+        rest = self._read(size + 1, deadline)
+        if rest is None:
+            return None
+        assert rest[-1] == FRAME_END, f"server sent frame end {rest[-1]:#x}"
+        return RawFrame(kind, channel, rest[:-1])
+
+    def recv(self, timeout: float | None = None, *, skip_heartbeats: bool = True) -> Any:
+        """The next decoded frame (heartbeats skipped), or None when the socket closed."""
+        while True:
+            raw = self.recv_raw(timeout)
+            if raw is None:
+                return None
+            if skip_heartbeats and raw.kind == self.HEARTBEAT:
+                continue
+            return raw.decode()
+
+    def read_until_closed(self, timeout: float = 5.0) -> bytes:
+        """Every byte until the server closes the socket (TimeoutError if it does not)."""
+        deadline = time.monotonic() + timeout
+        data, self._buf = self._buf, b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"socket still open after {timeout}s; got {data[:200]!r}")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def expect_connection_close(self, timeout: float | None = None, *, eof: bool = True) -> Any:
+        """Wait for connection.close (skipping other frames), answer close-ok, wait for EOF.
+
+        eof=False skips the wait: after a broken frame boundary the server cannot read our
+        close-ok and only drops the socket after its close-ok timeout.
+        """
+        from pamqp import commands
+
+        while True:
+            frame = self.recv(timeout)
+            assert frame is not None, "socket closed without connection.close"
+            if isinstance(frame, commands.Connection.Close):
+                self.send_method(commands.Connection.CloseOk())
+                if eof:
+                    assert self.read_until_closed() == b""
+                return frame
+
+    def handshake(
+        self,
+        user: str = "guest",
+        password: str = "guest",
+        vhost: str = "/",
+        *,
+        mechanism: str = "PLAIN",
+        channel_max: int | None = None,
+        frame_max: int | None = None,
+        heartbeat: int = 0,
+    ) -> tuple[Any, Any, Any]:
+        """Header, start-ok, tune-ok, open; returns (start, tune, reply to open).
+
+        channel_max/frame_max default to the server's proposal; heartbeat defaults to off.
+        The reply is None if the server closed the socket instead of answering.
+        """
+        from pamqp import commands, encode
+
+        self.send(AMQP_0091_HEADER)
+        start = self.recv()
+        assert isinstance(start, commands.Connection.Start), start
+        if mechanism == "AMQPLAIN":
+            table = encode.field_table({"LOGIN": user, "PASSWORD": password})
+            response = table[4:].decode()  # the table without its length prefix
+        else:
+            response = f"\0{user}\0{password}"
+        self.send_method(
+            commands.Connection.StartOk(
+                client_properties={
+                    "product": "warren-tests",
+                    "capabilities": {"authentication_failure_close": True},
+                },
+                mechanism=mechanism,
+                response=response,
+            )
+        )
+        tune = self.recv()
+        if not isinstance(tune, commands.Connection.Tune):
+            return start, tune, None
+        self.send_method(
+            commands.Connection.TuneOk(
+                channel_max=tune.channel_max if channel_max is None else channel_max,
+                frame_max=tune.frame_max if frame_max is None else frame_max,
+                heartbeat=heartbeat,
+            )
+        )
+        self.send_method(commands.Connection.Open(virtual_host=vhost))
+        return start, tune, self.recv()
+
+    def open_channel(self, channel: int) -> None:
+        from pamqp import commands
+
+        self.send_method(commands.Channel.Open(), channel)
+        reply = self.recv()
+        assert isinstance(reply, commands.Channel.OpenOk), reply
+
+
+@pytest.fixture
+def raw_amqp(broker_url: str) -> Iterator[Callable[..., RawAmqp]]:
+    """Factory of RawAmqp sockets: raw_amqp() to the test broker, raw_amqp(url) elsewhere."""
+    from urllib.parse import urlparse
+
+    opened: list[RawAmqp] = []
+
+    def connect(url: str | None = None, timeout: float = 5.0) -> RawAmqp:
+        parsed = urlparse(url or broker_url)
+        client = RawAmqp(parsed.hostname or "127.0.0.1", parsed.port or 5672, timeout)
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `python -m node.cli <args>` from the repo root to completion, output captured;
+    `env` adds environment variables.
+
+    Skipped against an external broker, like `start_node`.
+    """
+    if EXTERNAL_URL:
+        pytest.skip("runs the warren CLI itself")
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, **(env or {})},
+        )
+
+    return run
