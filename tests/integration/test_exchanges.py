@@ -215,17 +215,37 @@ HEADER_MATCHES: dict[str, list[str]] = {
 }
 
 
-@pytest.mark.parametrize("exchange", ["fresh", "amq.match", "amq.headers"])
-def test_headers_x_match_all_and_any(pika_env: Any, exchange: str) -> None:
+def test_headers_x_match_all_and_any(pika_env: Any) -> None:
     ch = pika_env.channel(confirm=True)
-    x = pika_env.exchange("headers", auto_delete=True) if exchange == "fresh" else exchange
+    x = pika_env.exchange("headers", auto_delete=True)
     queues = bind_queues(pika_env, ch, x, HEADER_BINDINGS)
     for label, headers in HEADER_MESSAGES.items():
-        ch.basic_publish(
-            x, "routing-key-is-ignored", label.encode(), pika.BasicProperties(headers=headers)
-        )
+        props = pika.BasicProperties(headers=headers)
+        ch.basic_publish(x, "routing-key-is-ignored", label.encode(), props)
     got = {label: [b.decode() for b in pika_env.drain(ch, q)] for label, q in queues.items()}
     assert got == HEADER_MATCHES
+
+
+@pytest.mark.parametrize("exchange", ["amq.match", "amq.headers"])
+def test_predeclared_headers_exchanges_route_on_headers(pika_env: Any, exchange: str) -> None:
+    # The binding matches on a header value unique to this test, since other tests may
+    # publish to the shared predeclared exchanges at the same time.
+    ch = pika_env.channel(confirm=True)
+    token = pika_env.name("token")
+    queues = bind_queues(
+        pika_env,
+        ch,
+        exchange,
+        {
+            "all": {"x-match": "all", "token": token, "kind": "a"},
+            "any": {"x-match": "any", "token": token, "other-token": token},
+        },
+    )
+    sent = {"both": {"token": token, "kind": "a"}, "token": {"token": token}, "other": {}}
+    for label, headers in sent.items():
+        ch.basic_publish(exchange, "", label.encode(), pika.BasicProperties(headers=headers))
+    got = {label: [b.decode() for b in pika_env.drain(ch, q)] for label, q in queues.items()}
+    assert got == {"all": ["both"], "any": ["both", "token"]}
 
 
 # --- declare ------------------------------------------------------------------------------------
