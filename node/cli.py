@@ -189,7 +189,6 @@ def node(
         memory_high_watermark_bytes=watermark,
     )
     log = EventLogger(logging.getLogger("warren"), node=node_name)
-    log.info("node.starting", version=__version__, data_dir=str(data_dir))
     _run_node(config, log)
     sys.exit(0)
 

@@ -515,6 +515,8 @@ async def serve(
     listener = await anyio.create_tcp_listener(local_host=config.host, local_port=config.port)
     log.info(
         "node.listening",
+        version=__version__,
+        data_dir=str(config.data_dir),
         host=config.host,
         port=config.port,
         memory_high_watermark_bytes=node.watermark,
