@@ -111,6 +111,9 @@ class DeclareQueue(Command):
     exclusive: bool = False
     auto_delete: bool = False
     arguments: FieldTable = field(default_factory=_no_args)
+    # True when the channel layer generated the name (client sent ""): such names may use
+    # the reserved "amq." prefix; a client-chosen "amq.*" name is refused (403).
+    server_named: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,12 +213,14 @@ class Ack(Command):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Nack(Command):
-    """basic.nack and basic.reject (reject is Nack with multiple=False)."""
+    """basic.nack and basic.reject (reject is Nack with multiple=False, reject=True: the
+    flag only selects the method id, 60/90 instead of 60/120, of an unknown-tag error)."""
 
     channel: ChannelRef
     delivery_tag: int
     multiple: bool = False
     requeue: bool = True
+    reject: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,252 @@
+"""Optional arguments ("x-..." field tables): AMQP type names, equivalence and validation.
+
+Rules (RabbitMQ 3.10, checked against the reference broker):
+- Decoded field values have lost their wire type; we name them as pika and py-amqp encode
+  them (int: 'signedint' when it fits 32 bits, else 'long'; str: 'longstr').
+- Redeclaring compares only the arguments RabbitMQ compares (QUEUE_EQUIVALENT / EXCHANGE_
+  EQUIVALENT), in that order; the others are ignored. Present on both sides: "received 'V'
+  but current is 'V'"; missing on one side: "none" versus "the value 'V' of type 'T'".
+- A new queue's arguments are validated; invalid ones are refused with RabbitMQ's texts.
+  An existing queue's are not (RabbitMQ only checks equivalence then).
+- Booleans are not numbers and strings are not bytes when values are compared.
+Pure functions only; imports nothing from anyio, pysyncobj or sockets.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from node.broker.types import FieldTable
+
+QUEUE_EQUIVALENT = (
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-single-active-consumer",
+    "x-queue-master-locator",
+    "x-queue-type",
+)
+QUEUE_DEFAULTS: Mapping[str, Any] = {"x-queue-type": "classic"}
+EXCHANGE_EQUIVALENT = ("alternate-exchange",)
+
+# Arguments RabbitMQ accepts only for other queue types (quorum, stream).
+_NOT_FOR_CLASSIC = frozenset(
+    {
+        "x-max-in-memory-length",
+        "x-max-in-memory-bytes",
+        "x-quorum-initial-group-size",
+        "x-delivery-limit",
+        "x-initial-cluster-size",
+        "x-max-age",
+        "x-queue-leader-locator",
+        "x-stream-max-segment-size-bytes",
+    }
+)
+OVERFLOW_MODES = frozenset({"drop-head", "reject-publish", "reject-publish-dlx"})
+QUEUE_MODES = frozenset({"default", "lazy"})
+# Queue types we serve (all with classic-queue semantics).
+QUEUE_TYPES = frozenset({"classic", "quorum"})
+MAX_PRIORITY = 255
+
+_INT32 = 2**31
+
+
+def type_name(value: Any) -> str:
+    """The AMQP field type RabbitMQ would name for a decoded value."""
+    if value is None:
+        return "void"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "signedint" if -_INT32 <= value < _INT32 else "long"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, Decimal):
+        return "decimal"
+    if isinstance(value, str | bytes | bytearray):
+        return "longstr"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, datetime.datetime):
+        return "timestamp"
+    return type(value).__name__
+
+
+def show(value: Any) -> str:
+    """A value as RabbitMQ prints it inside quotes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """AMQP value equality: numbers by value, bool only with bool, str only with str."""
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+        return type(a) is type(b) and a == b
+    try:
+        return bool(a == b)
+    except TypeError:
+        return False
+
+
+def freeze(value: Any) -> Any:
+    """A hashable, type-tagged image of a field value (binding identity)."""
+    if isinstance(value, Mapping):
+        return ("T", tuple(sorted((str(k), freeze(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple):
+        return ("A", tuple(freeze(v) for v in value))
+    if isinstance(value, bytearray):
+        return ("b", bytes(value))
+    return (type_name(value), value)
+
+
+def _describe(present: bool, value: Any) -> str:
+    if not present:
+        return "none"
+    return f"the value '{show(value)}' of type '{type_name(value)}'"
+
+
+def inequivalent(
+    current: FieldTable,
+    received: FieldTable,
+    keys: tuple[str, ...],
+    defaults: Mapping[str, Any] | None = None,
+) -> tuple[str, str, str] | None:
+    """(key, received text, current text) for the first argument that differs, else None."""
+    for key in keys:
+        cur_here = key in current
+        new_here = key in received
+        cur = current.get(key)
+        new = received.get(key)
+        if defaults and key in defaults:
+            if not cur_here:
+                cur_here, cur = True, defaults[key]
+            if not new_here:
+                new_here, new = True, defaults[key]
+        if cur_here and new_here:
+            if not same_value(cur, new):
+                return key, f"'{show(new)}'", f"'{show(cur)}'"
+        elif cur_here or new_here:
+            return key, _describe(new_here, new), _describe(cur_here, cur)
+    return None
+
+
+# ---- validation of a new queue's arguments --------------------------------------------
+
+_Check = Callable[[Any, FieldTable], str | None]
+
+
+def _integer(minimum: int, *, zero_ok: bool = True, maximum: int | None = None) -> _Check:
+    def check(value: Any, _: FieldTable) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f'"expected integer, got {_short_type(value)}"'
+        if value < 0 and value < minimum:
+            return f"{{value_negative,{value}}}"
+        if value == 0 and not zero_ok:
+            return f"{{value_zero,{value}}}"
+        if maximum is not None and value > maximum:
+            return f"{{max_value_exceeded,{value}}}"
+        return None
+
+    return check
+
+
+def _short_type(value: Any) -> str:
+    if isinstance(value, float):
+        return "float"
+    return type_name(value)
+
+
+def _overflow(value: Any, _: FieldTable) -> str | None:
+    if not isinstance(value, str):
+        return f"{{unacceptable_type,{type_name(value)}}}"
+    return None if value in OVERFLOW_MODES else "invalid_overflow"
+
+
+def _queue_mode(value: Any, _: FieldTable) -> str | None:
+    if not isinstance(value, str):
+        return f"{{unacceptable_type,{type_name(value)}}}"
+    return None if value in QUEUE_MODES else f"\"unsupported queue mode '{value}'\""
+
+
+def _queue_type(value: Any, _: FieldTable) -> str | None:
+    if not isinstance(value, str):
+        return f"{{unacceptable_type,{type_name(value)}}}"
+    return None if value in QUEUE_TYPES else f"\"unsupported queue type '{value}'\""
+
+
+def _boolean(value: Any, _: FieldTable) -> str | None:
+    return None if isinstance(value, bool) else f"{{unacceptable_type,{type_name(value)}}}"
+
+
+def _dlx_routing_key(value: Any, arguments: FieldTable) -> str | None:
+    return None if "x-dead-letter-exchange" in arguments else "routing_key_but_no_dlx_defined"
+
+
+_QUEUE_CHECKS: Mapping[str, _Check] = {
+    "x-expires": _integer(0, zero_ok=False),
+    "x-message-ttl": _integer(0),
+    "x-max-length": _integer(0),
+    "x-max-length-bytes": _integer(0),
+    "x-max-priority": _integer(0, maximum=MAX_PRIORITY),
+    "x-overflow": _overflow,
+    "x-queue-mode": _queue_mode,
+    "x-queue-type": _queue_type,
+    "x-single-active-consumer": _boolean,
+    "x-dead-letter-routing-key": _dlx_routing_key,
+}
+_STRING_ARGS = ("x-dead-letter-exchange", "x-dead-letter-routing-key")
+
+
+def invalid_queue_args(arguments: FieldTable, queue: str, vhost: str) -> str | None:
+    """RabbitMQ's PRECONDITION_FAILED text for the first invalid argument, else None."""
+    for key in _STRING_ARGS:
+        if key in arguments and not isinstance(arguments[key], str):
+            return (
+                f"PRECONDITION_FAILED - invalid type '{type_name(arguments[key])}' for arg "
+                f"'{key}' in queue '{queue}' in vhost '{vhost}'"
+            )
+    for key, value in arguments.items():
+        if key in _NOT_FOR_CLASSIC:
+            return (
+                f"PRECONDITION_FAILED - invalid arg '{key}' for queue '{queue}' in vhost "
+                f"'{vhost}' of queue type rabbit_classic_queue"
+            )
+        check = _QUEUE_CHECKS.get(key)
+        detail = check(value, arguments) if check is not None else None
+        if detail is not None:
+            return (
+                f"PRECONDITION_FAILED - invalid arg '{key}' for queue '{queue}' in vhost "
+                f"'{vhost}': {detail}"
+            )
+    return None
+
+
+def consumer_priority(arguments: FieldTable) -> tuple[int, str | None]:
+    """The x-priority consumer argument (default 0), or the error detail for a bad one."""
+    value = arguments.get("x-priority", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0, f'"expected integer, got {_short_type(value)}"'
+    return value, None
+
+
+def int_arg(arguments: FieldTable, key: str) -> int | None:
+    """An integer argument already validated at declare time, or None when absent."""
+    value = arguments.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None

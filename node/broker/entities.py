@@ -1,0 +1,294 @@
+"""The broker's mutable entities: exchanges, queues, bindings, consumers, channels.
+
+Rules: these are plain slotted records with the few operations that keep their own
+invariants (a queue's byte counters, its ready order, its consumer ring). They know nothing
+of commands, errors or effects; `node.broker.model.Broker` drives them. Every collection
+that is ever iterated to produce output is insertion-ordered (dicts, lists, deques), never
+a set, so replicas applying the same commands produce the same effects in the same order.
+
+Queue order: every message id a queue holds is unique and ids grow with publication. A
+message handed out always has a smaller id than every message still in `ready`, so
+returned (requeued) messages wait in a small heap that is always served before `ready`:
+together they give "back at its original position" in O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from typing import Any
+
+from node.broker.exchange_type import BindingSpec, ExchangeType, RoutingTable
+from node.broker.types import ChannelRef, ConnId, FieldTable, Message
+
+
+class Exchange:
+    __slots__ = (
+        "alternate",
+        "arguments",
+        "auto_delete",
+        "bindings_in",
+        "bindings_out",
+        "deleted",
+        "durable",
+        "e2e_count",
+        "internal",
+        "name",
+        "table",
+        "type_name",
+        "xtype",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        xtype: ExchangeType,
+        *,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+        table: RoutingTable | None = None,
+    ) -> None:
+        self.name = name
+        self.xtype = xtype
+        self.type_name = xtype.name
+        self.durable = durable
+        self.auto_delete = auto_delete
+        self.internal = internal
+        self.arguments = dict(arguments)
+        alternate = arguments.get("alternate-exchange")
+        self.alternate: str | None = alternate if isinstance(alternate, str) else None
+        self.table: RoutingTable = table if table is not None else xtype.new_table()
+        self.bindings_out: dict[Any, Binding] = {}  # this exchange is the source
+        self.bindings_in: dict[Any, Binding] = {}  # this exchange is the destination
+        self.e2e_count = 0  # bindings_out whose destination is an exchange
+        self.deleted = False
+
+
+class Binding:
+    __slots__ = ("arguments", "destination", "key", "routing_key", "source", "spec")
+
+    def __init__(
+        self,
+        key: Any,
+        source: Exchange,
+        destination: Queue | Exchange,
+        routing_key: str,
+        arguments: FieldTable,
+    ) -> None:
+        self.key = key
+        self.source = source
+        self.destination = destination
+        self.routing_key = routing_key
+        self.arguments = dict(arguments)
+        self.spec = BindingSpec(routing_key, self.arguments, destination)
+
+
+class Consumer:
+    __slots__ = (
+        "active",
+        "channel",
+        "exclusive",
+        "no_ack",
+        "prefetch",
+        "priority",
+        "queue",
+        "tag",
+        "unacked",
+    )
+
+    def __init__(
+        self,
+        tag: str,
+        channel: Channel,
+        queue: Queue,
+        *,
+        no_ack: bool,
+        exclusive: bool,
+        priority: int,
+        prefetch: int,
+    ) -> None:
+        self.tag = tag
+        self.channel = channel
+        self.queue = queue
+        self.no_ack = no_ack
+        self.exclusive = exclusive
+        self.priority = priority
+        self.prefetch = prefetch  # 0: unlimited
+        self.unacked = 0
+        self.active = True
+
+
+# One unacknowledged delivery: (queue, message, consumer or None for basic.get).
+Unacked = tuple["Queue", Message, Consumer | None]
+
+
+class Connection:
+    __slots__ = ("channels", "exclusive_queues", "id", "writable")
+
+    def __init__(self, conn_id: ConnId) -> None:
+        self.id = conn_id
+        self.writable = True
+        self.channels: dict[int, Channel] = {}
+        self.exclusive_queues: dict[tuple[str, str], Queue] = {}
+
+
+class Channel:
+    __slots__ = (
+        "conn",
+        "consumer_unacked",
+        "consumers",
+        "global_prefetch",
+        "next_tag",
+        "prefetch",
+        "ref",
+        "unacked",
+    )
+
+    def __init__(self, ref: ChannelRef, conn: Connection) -> None:
+        self.ref = ref
+        self.conn = conn
+        self.next_tag = 1
+        self.unacked: OrderedDict[int, Unacked] = OrderedDict()
+        self.consumers: dict[str, Consumer] = {}
+        self.prefetch = 0  # basic.qos(global=False): for consumers created afterwards
+        self.global_prefetch = 0  # basic.qos(global=True): shared by the channel's consumers
+        self.consumer_unacked = 0  # unacked deliveries made to consumers (not basic.get)
+
+
+class Queue:
+    __slots__ = (
+        "arguments",
+        "auto_delete",
+        "bindings_in",
+        "consumers",
+        "deleted",
+        "durable",
+        "exclusive",
+        "exclusive_consumer",
+        "groups",
+        "had_consumers",
+        "name",
+        "owner",
+        "ready",
+        "ready_bytes",
+        "returned",
+        "unacked_bytes",
+        "unacked_count",
+        "vhost",
+    )
+
+    def __init__(
+        self,
+        vhost: str,
+        name: str,
+        *,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        owner: ConnId | None,
+        arguments: FieldTable,
+    ) -> None:
+        self.vhost = vhost
+        self.name = name
+        self.durable = durable
+        self.exclusive = exclusive
+        self.auto_delete = auto_delete
+        self.owner = owner
+        self.arguments = dict(arguments)
+        self.ready: deque[Message] = deque()
+        self.returned: list[tuple[int, Message]] = []  # heap on message id
+        self.ready_bytes = 0
+        self.unacked_count = 0
+        self.unacked_bytes = 0
+        # Consumers by priority, highest first; round robin inside each ring.
+        self.groups: list[tuple[int, deque[Consumer]]] = []
+        self.consumers: dict[Consumer, None] = {}  # ordered set, subscription order
+        self.exclusive_consumer = False
+        self.had_consumers = False
+        self.deleted = False
+        self.bindings_in: dict[Any, Binding] = {}
+
+    # ---- messages ----------------------------------------------------------------------
+
+    @property
+    def message_count(self) -> int:
+        """Messages ready for delivery (RabbitMQ's message_count excludes unacked ones)."""
+        return len(self.ready) + len(self.returned)
+
+    def push(self, message: Message) -> None:
+        self.ready.append(message)
+        self.ready_bytes += len(message.body)
+
+    def pop(self) -> Message | None:
+        if self.returned:
+            message = heapq.heappop(self.returned)[1]
+        elif self.ready:
+            message = self.ready.popleft()
+        else:
+            return None
+        self.ready_bytes -= len(message.body)
+        return message
+
+    def give_back(self, message: Message) -> None:
+        """An unacked message returns to its original position, marked redelivered."""
+        message.redelivered = True
+        self.unacked_count -= 1
+        self.unacked_bytes -= len(message.body)
+        heapq.heappush(self.returned, (message.id, message))
+        self.ready_bytes += len(message.body)
+
+    def take(self, message: Message) -> None:
+        """A popped message is now awaiting an ack."""
+        self.unacked_count += 1
+        self.unacked_bytes += len(message.body)
+
+    def settle(self, message: Message) -> None:
+        """An unacked message is gone for good (ack, or reject without requeue)."""
+        self.unacked_count -= 1
+        self.unacked_bytes -= len(message.body)
+
+    def purge(self) -> int:
+        count = self.message_count
+        self.ready.clear()
+        self.returned.clear()
+        self.ready_bytes = 0
+        return count
+
+    def messages(self) -> list[Message]:
+        """The ready messages in delivery order."""
+        return [m for _, m in sorted(self.returned, key=lambda e: e[0])] + list(self.ready)
+
+    # ---- consumers ---------------------------------------------------------------------
+
+    @property
+    def consumer_count(self) -> int:
+        return len(self.consumers)
+
+    def add_consumer(self, consumer: Consumer) -> None:
+        self.consumers[consumer] = None
+        self.had_consumers = True
+        if consumer.exclusive:
+            self.exclusive_consumer = True
+        for i, (priority, ring) in enumerate(self.groups):
+            if priority == consumer.priority:
+                ring.append(consumer)
+                return
+            if priority < consumer.priority:
+                self.groups.insert(i, (consumer.priority, deque([consumer])))
+                return
+        self.groups.append((consumer.priority, deque([consumer])))
+
+    def remove_consumer(self, consumer: Consumer) -> None:
+        if consumer not in self.consumers:
+            return
+        del self.consumers[consumer]
+        if consumer.exclusive:
+            self.exclusive_consumer = False
+        for i, (_, ring) in enumerate(self.groups):
+            if consumer in ring:
+                ring.remove(consumer)
+                if not ring:
+                    del self.groups[i]
+                return

@@ -1,0 +1,896 @@
+"""The broker model: one object holding vhosts, exchanges, queues, bindings and channels.
+
+Rules:
+- Pure and deterministic: no I/O, no clock (time arrives as `now_ms` arguments), no
+  randomness, no iteration over sets where order reaches the output.
+- Total: a client's mistake returns an `AmqpError` (RabbitMQ's code and text) and leaves the
+  state untouched; every check runs before the first mutation. After a channel error the
+  channel layer closes the channel (`close_channel`), after a connection error the
+  connection (`close_connection`): the model does not do it by itself.
+- Deliveries and server-initiated cancels are appended to the caller's `effects` list, in
+  the order they happen. Delivery happens eagerly: whenever a change could let a consumer
+  take a message, the model delivers as much as prefetch and writability allow.
+- Exchange types are looked up in the registry by name; the model never branches on one.
+Must never import anyio, asyncio, pysyncobj, socket, or read a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from node.broker import args as arguments_
+from node.broker import errors
+from node.broker.entities import Binding, Channel, Connection, Consumer, Exchange, Queue, Unacked
+from node.broker.errors import Method
+from node.broker.exchange_type import ExchangeType
+from node.broker.registry import exchange_types
+from node.broker.types import (
+    AmqpError,
+    CancelConsumer,
+    ChannelRef,
+    ConnId,
+    ConsumeOk,
+    Count,
+    Deliver,
+    Effect,
+    FieldTable,
+    GetEmpty,
+    GetOk,
+    Message,
+    Ok,
+    Properties,
+    QueueDeclared,
+    Reply,
+    Routed,
+)
+
+DEFAULT_VHOST = "/"
+# The exchanges every vhost starts with: name -> (type, internal). All durable.
+BUILTIN_EXCHANGES: Mapping[str, tuple[str, bool]] = {
+    "": ("direct", False),
+    "amq.direct": ("direct", False),
+    "amq.fanout": ("fanout", False),
+    "amq.topic": ("topic", False),
+    "amq.headers": ("headers", False),
+    "amq.match": ("headers", False),
+    "amq.rabbitmq.trace": ("topic", True),
+}
+# Alternate-exchange chains longer than this are cut (a cycle of AEs must not loop).
+MAX_ALTERNATE_HOPS = 16
+
+OK = Ok()
+EMPTY = GetEmpty()
+_ROUTED = tuple(Routed(n) for n in range(16))
+NO_ROUTE = Routed(0, returned=True)
+
+
+def _routed(n: int) -> Routed:
+    return _ROUTED[n] if n < len(_ROUTED) else Routed(n)
+
+
+class DefaultTable:
+    """The default exchange's routing: every queue is bound by its own name, implicitly."""
+
+    __slots__ = ("_queues",)
+
+    def __init__(self, queues: Mapping[str, Queue]) -> None:
+        self._queues = queues
+
+    def add(self, binding: Any) -> None:  # pragma: no cover - binding to "" is refused
+        raise RuntimeError("the default exchange takes no explicit bindings")
+
+    def remove(self, binding: Any) -> None:  # pragma: no cover
+        raise RuntimeError("the default exchange takes no explicit bindings")
+
+    def route(self, routing_key: str, headers: FieldTable | None) -> Sequence[Any]:
+        queue = self._queues.get(routing_key)
+        return () if queue is None else (queue,)
+
+
+class Vhost:
+    __slots__ = ("bindings", "exchanges", "name", "queues")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.exchanges: dict[str, Exchange] = {}
+        self.queues: dict[str, Queue] = {}
+        self.bindings: dict[Any, Binding] = {}  # every explicit binding, creation order
+
+
+def binding_key(source: str, kind: str, destination: str, key: str, args: FieldTable) -> Any:
+    return (source, kind, destination, key, arguments_.freeze(args))
+
+
+def _copy(message: Message) -> Message:
+    return Message(
+        message.id,
+        message.exchange,
+        message.routing_key,
+        message.properties,
+        message.props,
+        message.body,
+        message.published_ms,
+        message.redelivered,
+        message.delivery_count,
+    )
+
+
+class Broker:
+    """Vhosts and their topology, messages, and the connection state that consumes them."""
+
+    def __init__(
+        self,
+        vhosts: Sequence[str] = (DEFAULT_VHOST,),
+        types: Mapping[str, ExchangeType] | None = None,
+    ) -> None:
+        self.types = types if types is not None else exchange_types()
+        self.vhosts: dict[str, Vhost] = {}
+        self.conns: dict[ConnId, Connection] = {}
+        self.channels: dict[ChannelRef, Channel] = {}
+        self.next_message_id = 1
+        self.total_bytes = 0  # message bodies held, ready + unacked
+        for name in vhosts:
+            self.add_vhost(name)
+
+    # ---- vhosts and lookups ------------------------------------------------------------
+
+    def add_vhost(self, name: str) -> Vhost:
+        vhost = self.vhosts.get(name)
+        if vhost is not None:
+            return vhost
+        vhost = self.vhosts[name] = Vhost(name)
+        for xname, (type_name, internal) in BUILTIN_EXCHANGES.items():
+            xtype = self.types[type_name]
+            table = DefaultTable(vhost.queues) if xname == "" else None
+            vhost.exchanges[xname] = Exchange(
+                xname,
+                xtype,
+                durable=True,
+                auto_delete=False,
+                internal=internal,
+                arguments={},
+                table=table,
+            )
+        return vhost
+
+    def connection(self, conn_id: ConnId) -> Connection:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            conn = self.conns[conn_id] = Connection(conn_id)
+        return conn
+
+    def _channel(self, ref: ChannelRef) -> Channel:
+        channel = self.channels.get(ref)
+        if channel is None:
+            conn = self.connection(ref.conn)
+            channel = self.channels[ref] = Channel(ref, conn)
+            conn.channels[ref.channel] = channel
+        return channel
+
+    # ---- connections and channels ------------------------------------------------------
+
+    def open_channel(self, ref: ChannelRef) -> Reply:
+        self._channel(ref)
+        return OK
+
+    def close_channel(self, ref: ChannelRef, effects: list[Effect]) -> Reply:
+        channel = self.channels.get(ref)
+        if channel is not None:
+            self._close_channel(channel, effects)
+        return OK
+
+    def _close_channel(self, channel: Channel, effects: list[Effect]) -> None:
+        del self.channels[channel.ref]
+        channel.conn.channels.pop(channel.ref.channel, None)
+        touched: dict[Queue, None] = {}
+        emptied: list[Queue] = []
+        for consumer in channel.consumers.values():
+            queue = consumer.queue
+            consumer.active = False
+            queue.remove_consumer(consumer)
+            if queue.auto_delete and not queue.consumers and not queue.deleted:
+                emptied.append(queue)
+        channel.consumers = {}
+        for queue, message, receiver in channel.unacked.values():
+            if receiver is not None:
+                receiver.unacked -= 1
+            if not queue.deleted:
+                queue.give_back(message)
+                touched[queue] = None
+        channel.unacked.clear()
+        channel.consumer_unacked = 0
+        for queue in emptied:
+            if not queue.deleted and not queue.consumers:
+                self._delete_queue(queue, effects)
+        for queue in touched:
+            if not queue.deleted:
+                self._dispatch(queue, effects)
+
+    def close_connection(self, conn_id: ConnId, effects: list[Effect]) -> Reply:
+        conn = self.conns.pop(conn_id, None)
+        if conn is None:
+            return OK
+        for channel in list(conn.channels.values()):
+            self._close_channel(channel, effects)
+        for queue in list(conn.exclusive_queues.values()):
+            if not queue.deleted:
+                self._delete_queue(queue, effects)
+        return OK
+
+    def set_writable(self, conn_id: ConnId, writable: bool, effects: list[Effect]) -> Reply:
+        conn = self.connection(conn_id)
+        was = conn.writable
+        conn.writable = writable
+        if writable and not was:
+            for channel in list(conn.channels.values()):
+                self._dispatch_channel(channel, effects)
+        return OK
+
+    # ---- exchanges ---------------------------------------------------------------------
+
+    def declare_exchange(
+        self,
+        vhost: str,
+        name: str,
+        type_name: str,
+        *,
+        passive: bool,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> Reply:
+        method = Method.EXCHANGE_DECLARE
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if name == "":
+            return errors.default_exchange(method)
+        exchange = vh.exchanges.get(name)
+        if passive:
+            return OK if exchange is not None else errors.no_exchange(vhost, name, method)
+        xtype = self.types.get(type_name)
+        if xtype is None:
+            return errors.unknown_exchange_type(type_name)
+        if exchange is not None:
+            kind = "exchange"
+            if exchange.type_name != type_name:
+                return errors.inequivalent(
+                    kind, vhost, name, "type", f"'{type_name}'", f"'{exchange.type_name}'", method
+                )
+            for field, have, want in (
+                ("durable", exchange.durable, durable),
+                ("auto_delete", exchange.auto_delete, auto_delete),
+                ("internal", exchange.internal, internal),
+            ):
+                if have != want:
+                    return errors.inequivalent(
+                        kind, vhost, name, field, errors.flag(want), errors.flag(have), method
+                    )
+            diff = arguments_.inequivalent(
+                exchange.arguments, arguments, arguments_.EXCHANGE_EQUIVALENT
+            )
+            if diff is not None:
+                return errors.inequivalent(kind, vhost, name, *diff, method)
+            return OK
+        if name.startswith("amq."):
+            return errors.reserved_name("exchange", name, method)
+        vh.exchanges[name] = Exchange(
+            name,
+            xtype,
+            durable=durable,
+            auto_delete=auto_delete,
+            internal=internal,
+            arguments=arguments,
+        )
+        return OK
+
+    def delete_exchange(self, vhost: str, name: str, *, if_unused: bool) -> Reply:
+        method = Method.EXCHANGE_DELETE
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if name == "":
+            return errors.default_exchange(method)
+        if name.startswith("amq."):
+            return errors.system_exchange(vhost, name)
+        exchange = vh.exchanges.get(name)
+        if exchange is None:
+            return OK
+        if if_unused and exchange.bindings_out:
+            return errors.in_use("exchange", vhost, name, method)
+        self._delete_exchange(vh, exchange)
+        return OK
+
+    def _delete_exchange(self, vh: Vhost, exchange: Exchange) -> None:
+        exchange.deleted = True
+        del vh.exchanges[exchange.name]
+        for binding in list(exchange.bindings_out.values()):
+            self._remove_binding(vh, binding)
+        for binding in list(exchange.bindings_in.values()):
+            self._remove_binding(vh, binding)
+
+    def bind_exchange(
+        self, vhost: str, destination: str, source: str, routing_key: str, arguments: FieldTable
+    ) -> Reply:
+        method = Method.EXCHANGE_BIND
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if destination == "" or source == "":
+            return errors.default_exchange(method)
+        src = vh.exchanges.get(source)
+        if src is None:
+            return errors.no_exchange(vhost, source, method)
+        dest = vh.exchanges.get(destination)
+        if dest is None:
+            return errors.no_exchange(vhost, destination, method)
+        problem = src.xtype.validate_binding(arguments)
+        if problem is not None:
+            return errors.precondition(problem, method)
+        key = binding_key(source, "exchange", destination, routing_key, arguments)
+        if key not in vh.bindings:
+            self.add_binding(vh, Binding(key, src, dest, routing_key, arguments))
+        return OK
+
+    def unbind_exchange(
+        self, vhost: str, destination: str, source: str, routing_key: str, arguments: FieldTable
+    ) -> Reply:
+        method = Method.EXCHANGE_UNBIND
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if destination == "" or source == "":
+            return errors.default_exchange(method)
+        key = binding_key(source, "exchange", destination, routing_key, arguments)
+        binding = vh.bindings.get(key)
+        if binding is not None:
+            self._remove_binding(vh, binding)
+        return OK
+
+    def add_binding(self, vh: Vhost, binding: Binding) -> None:
+        vh.bindings[binding.key] = binding
+        binding.source.bindings_out[binding.key] = binding
+        binding.destination.bindings_in[binding.key] = binding
+        binding.source.table.add(binding.spec)
+        if isinstance(binding.destination, Exchange):
+            binding.source.e2e_count += 1
+
+    def _remove_binding(self, vh: Vhost, binding: Binding) -> None:
+        source = binding.source
+        if vh.bindings.pop(binding.key, None) is None:
+            return
+        source.bindings_out.pop(binding.key, None)
+        binding.destination.bindings_in.pop(binding.key, None)
+        source.table.remove(binding.spec)
+        if isinstance(binding.destination, Exchange):
+            source.e2e_count -= 1
+        if source.auto_delete and not source.bindings_out and not source.deleted:
+            self._delete_exchange(vh, source)
+
+    # ---- queues ------------------------------------------------------------------------
+
+    def declare_queue(
+        self,
+        vhost: str,
+        name: str,
+        owner: ConnId,
+        *,
+        passive: bool,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+        server_named: bool = False,
+    ) -> Reply:
+        method = Method.QUEUE_DECLARE
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        queue = vh.queues.get(name)
+        if passive:
+            if queue is None:
+                return errors.no_queue(vhost, name, method)
+            if queue.exclusive and queue.owner != owner:
+                return errors.locked(vhost, name, method)
+            return QueueDeclared(name, queue.message_count, queue.consumer_count)
+        if name.startswith("amq.") and not server_named:
+            return errors.reserved_name("queue", name, method)
+        if queue is not None:
+            if queue.exclusive != exclusive or (queue.exclusive and queue.owner != owner):
+                return errors.locked(vhost, name, method)
+            kind = "queue"
+            # RabbitMQ does not compare `durable` for exclusive queues.
+            if not queue.exclusive and queue.durable != durable:
+                return errors.inequivalent(
+                    kind,
+                    vhost,
+                    name,
+                    "durable",
+                    errors.flag(durable),
+                    errors.flag(queue.durable),
+                    method,
+                )
+            if queue.auto_delete != auto_delete:
+                return errors.inequivalent(
+                    kind,
+                    vhost,
+                    name,
+                    "auto_delete",
+                    errors.flag(auto_delete),
+                    errors.flag(queue.auto_delete),
+                    method,
+                )
+            diff = arguments_.inequivalent(
+                queue.arguments,
+                arguments,
+                arguments_.QUEUE_EQUIVALENT,
+                arguments_.QUEUE_DEFAULTS,
+            )
+            if diff is not None:
+                return errors.inequivalent(kind, vhost, name, *diff, method)
+            return QueueDeclared(name, queue.message_count, queue.consumer_count)
+        problem = arguments_.invalid_queue_args(arguments, name, vhost)
+        if problem is not None:
+            return errors.precondition(problem, method)
+        queue = Queue(
+            vhost,
+            name,
+            durable=durable,
+            exclusive=exclusive,
+            auto_delete=auto_delete,
+            owner=owner if exclusive else None,
+            arguments=arguments,
+        )
+        vh.queues[name] = queue
+        if exclusive:
+            self.connection(owner).exclusive_queues[(vhost, name)] = queue
+        return QueueDeclared(name, 0, 0)
+
+    def _owned_queue(
+        self, vhost: str, name: str, owner: ConnId, method: Method
+    ) -> Queue | AmqpError:
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        queue = vh.queues.get(name)
+        if queue is None:
+            return errors.no_queue(vhost, name, method)
+        if queue.exclusive and queue.owner != owner:
+            return errors.locked(vhost, name, method)
+        return queue
+
+    def delete_queue(
+        self,
+        vhost: str,
+        name: str,
+        owner: ConnId,
+        *,
+        if_unused: bool,
+        if_empty: bool,
+        effects: list[Effect],
+    ) -> Reply:
+        method = Method.QUEUE_DELETE
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if name not in vh.queues:
+            return Count(0)  # RabbitMQ 3.x: deleting a missing queue succeeds
+        queue = self._owned_queue(vhost, name, owner, method)
+        if isinstance(queue, AmqpError):
+            return queue
+        if if_unused and queue.consumers:
+            return errors.in_use("queue", vhost, name, method)
+        if if_empty and queue.message_count:
+            return errors.not_empty(vhost, name)
+        count = queue.message_count
+        self._delete_queue(queue, effects)
+        return Count(count)
+
+    def _delete_queue(self, queue: Queue, effects: list[Effect]) -> None:
+        vh = self.vhosts[queue.vhost]
+        queue.deleted = True
+        for consumer in list(queue.consumers):
+            consumer.active = False
+            consumer.channel.consumers.pop(consumer.tag, None)
+            effects.append(CancelConsumer(consumer.channel.ref, consumer.tag))
+            queue.remove_consumer(consumer)
+        self.total_bytes -= queue.ready_bytes + queue.unacked_bytes
+        queue.purge()
+        del vh.queues[queue.name]
+        if queue.owner is not None:
+            conn = self.conns.get(queue.owner)
+            if conn is not None:
+                conn.exclusive_queues.pop((queue.vhost, queue.name), None)
+        for binding in list(queue.bindings_in.values()):
+            self._remove_binding(vh, binding)
+
+    def purge_queue(self, vhost: str, name: str, owner: ConnId) -> Reply:
+        queue = self._owned_queue(vhost, name, owner, Method.QUEUE_PURGE)
+        if isinstance(queue, AmqpError):
+            return queue
+        self.total_bytes -= queue.ready_bytes
+        return Count(queue.purge())
+
+    def bind_queue(
+        self,
+        vhost: str,
+        name: str,
+        exchange_name: str,
+        routing_key: str,
+        owner: ConnId,
+        arguments: FieldTable,
+    ) -> Reply:
+        method = Method.QUEUE_BIND
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if exchange_name == "":
+            return errors.default_exchange(method)
+        exchange = vh.exchanges.get(exchange_name)
+        if exchange is None:
+            return errors.no_exchange(vhost, exchange_name, method)
+        queue = self._owned_queue(vhost, name, owner, method)
+        if isinstance(queue, AmqpError):
+            return queue
+        problem = exchange.xtype.validate_binding(arguments)
+        if problem is not None:
+            return errors.precondition(problem, method)
+        key = binding_key(exchange_name, "queue", name, routing_key, arguments)
+        if key not in vh.bindings:
+            self.add_binding(vh, Binding(key, exchange, queue, routing_key, arguments))
+        return OK
+
+    def unbind_queue(
+        self,
+        vhost: str,
+        name: str,
+        exchange_name: str,
+        routing_key: str,
+        owner: ConnId,
+        arguments: FieldTable,
+    ) -> Reply:
+        method = Method.QUEUE_UNBIND
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        if exchange_name == "":
+            return errors.default_exchange(method)
+        key = binding_key(exchange_name, "queue", name, routing_key, arguments)
+        binding = vh.bindings.get(key)
+        if binding is None:
+            return OK  # RabbitMQ 3.x: a missing queue, exchange or binding is fine
+        queue = binding.destination
+        assert isinstance(queue, Queue)
+        if queue.exclusive and queue.owner != owner:
+            return errors.locked(vhost, name, method)
+        self._remove_binding(vh, binding)
+        return OK
+
+    # ---- publish -----------------------------------------------------------------------
+
+    def publish(
+        self,
+        vhost: str,
+        exchange_name: str,
+        routing_key: str,
+        mandatory: bool,
+        properties: bytes,
+        props: Properties,
+        body: bytes,
+        now_ms: int,
+        effects: list[Effect],
+    ) -> Reply:
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, Method.BASIC_PUBLISH)
+        exchange = vh.exchanges.get(exchange_name)
+        if exchange is None:
+            return errors.no_exchange(vhost, exchange_name, Method.BASIC_PUBLISH)
+        if exchange.internal:
+            return errors.internal_exchange(vhost, exchange_name)
+        queues = self._route(exchange, routing_key, props.headers)
+        if not queues and exchange.alternate is not None:
+            queues = self._route_alternate(vh, exchange, routing_key, props.headers)
+        if not queues:
+            return NO_ROUTE if mandatory else _ROUTED[0]
+        message_id = self.next_message_id
+        self.next_message_id = message_id + 1
+        message = Message(message_id, exchange_name, routing_key, properties, props, body, now_ms)
+        size = len(body)
+        first = True
+        for queue in queues:
+            if first:
+                first = False
+            else:
+                message = _copy(message)
+            queue.ready.append(message)
+            queue.ready_bytes += size
+            self.total_bytes += size
+            if queue.consumers:
+                self._dispatch(queue, effects)
+        return _routed(len(queues))
+
+    def _route(self, exchange: Exchange, routing_key: str, headers: FieldTable | None) -> Any:
+        found = exchange.table.route(routing_key, headers)
+        if not exchange.e2e_count:
+            if len(found) <= 1:
+                return found
+            return list(dict.fromkeys(found))
+        queues: dict[Queue, None] = {}
+        seen: dict[Exchange, None] = {exchange: None}
+        pending = deque([found])
+        while pending:
+            for dest in pending.popleft():
+                if isinstance(dest, Queue):
+                    queues[dest] = None
+                elif dest not in seen:
+                    seen[dest] = None
+                    pending.append(dest.table.route(routing_key, headers))
+        return list(queues)
+
+    def _route_alternate(
+        self, vh: Vhost, exchange: Exchange, routing_key: str, headers: FieldTable | None
+    ) -> Any:
+        seen = {exchange.name}
+        current = exchange
+        for _ in range(MAX_ALTERNATE_HOPS):
+            name = current.alternate
+            if name is None or name in seen:
+                return ()
+            seen.add(name)
+            alternate = vh.exchanges.get(name)
+            if alternate is None:
+                return ()
+            queues = self._route(alternate, routing_key, headers)
+            if queues:
+                return queues
+            current = alternate
+        return ()
+
+    # ---- consumers ---------------------------------------------------------------------
+
+    def qos(
+        self, ref: ChannelRef, prefetch_count: int, global_: bool, effects: list[Effect]
+    ) -> Reply:
+        channel = self._channel(ref)
+        if global_:
+            channel.global_prefetch = prefetch_count
+            self._dispatch_channel(channel, effects)
+        else:
+            channel.prefetch = prefetch_count
+        return OK
+
+    def consume(
+        self,
+        ref: ChannelRef,
+        vhost: str,
+        name: str,
+        tag: str,
+        *,
+        no_ack: bool,
+        exclusive: bool,
+        arguments: FieldTable,
+        effects: list[Effect],
+    ) -> Reply:
+        method = Method.BASIC_CONSUME
+        existing = self.channels.get(ref)
+        if existing is not None and tag in existing.consumers:
+            return errors.reused_tag(tag)
+        queue = self._owned_queue(vhost, name, ref.conn, method)
+        if isinstance(queue, AmqpError):
+            return queue
+        priority, problem = arguments_.consumer_priority(arguments)
+        if problem is not None:
+            return errors.invalid_consumer_arg(vhost, name, "x-priority", problem)
+        if queue.exclusive_consumer or (exclusive and queue.consumers):
+            return errors.exclusive_use(vhost, name)
+        channel = self._channel(ref)
+        consumer = Consumer(
+            tag,
+            channel,
+            queue,
+            no_ack=no_ack,
+            exclusive=exclusive,
+            priority=priority,
+            prefetch=channel.prefetch,
+        )
+        channel.consumers[tag] = consumer
+        queue.add_consumer(consumer)
+        self._dispatch(queue, effects)
+        return ConsumeOk(tag)
+
+    def cancel(self, ref: ChannelRef, tag: str, effects: list[Effect]) -> Reply:
+        channel = self.channels.get(ref)
+        consumer = channel.consumers.pop(tag, None) if channel is not None else None
+        if consumer is None:
+            return OK
+        consumer.active = False
+        queue = consumer.queue
+        queue.remove_consumer(consumer)
+        if queue.auto_delete and not queue.consumers and not queue.deleted:
+            self._delete_queue(queue, effects)
+        return OK
+
+    def get(self, ref: ChannelRef, vhost: str, name: str, no_ack: bool) -> Reply:
+        queue = self._owned_queue(vhost, name, ref.conn, Method.BASIC_GET)
+        if isinstance(queue, AmqpError):
+            return queue
+        message = queue.pop()
+        if message is None:
+            return EMPTY
+        channel = self._channel(ref)
+        tag = channel.next_tag
+        channel.next_tag = tag + 1
+        message.delivery_count += 1
+        if no_ack:
+            self.total_bytes -= len(message.body)
+        else:
+            queue.take(message)
+            channel.unacked[tag] = (queue, message, None)
+        return GetOk(tag, message.redelivered, queue.message_count, message)
+
+    # ---- acknowledgements --------------------------------------------------------------
+
+    def _collect(self, channel: Channel, tag: int, multiple: bool) -> list[Unacked] | None:
+        unacked = channel.unacked
+        if not multiple:
+            entry = unacked.pop(tag, None)
+            return None if entry is None else [entry]
+        if tag == 0:
+            taken = list(unacked.values())
+            unacked.clear()
+            return taken
+        if tag not in unacked:
+            return None
+        taken = []
+        while unacked:
+            first = next(iter(unacked))
+            if first > tag:
+                break
+            taken.append(unacked.popitem(last=False)[1])
+        return taken
+
+    def ack(self, ref: ChannelRef, tag: int, multiple: bool, effects: list[Effect]) -> Reply:
+        channel = self.channels.get(ref) or self._channel(ref)
+        if not multiple:
+            # The hot path: one tag, one message.
+            entry = channel.unacked.pop(tag, None)
+            if entry is None:
+                return errors.unknown_tag(tag, Method.BASIC_ACK)
+            queue, message, consumer = entry
+            if not queue.deleted:
+                size = len(message.body)
+                queue.unacked_count -= 1
+                queue.unacked_bytes -= size
+                self.total_bytes -= size
+            if consumer is not None:
+                consumer.unacked -= 1
+                channel.consumer_unacked -= 1
+                if channel.global_prefetch and (len(channel.consumers) > 1 or not consumer.active):
+                    self._dispatch_channel(channel, effects)
+                elif consumer.active and (queue.returned or queue.ready):
+                    self._dispatch(queue, effects)
+            return OK
+        entries = self._collect(channel, tag, multiple)
+        if entries is None:
+            return errors.unknown_tag(tag, Method.BASIC_ACK)
+        self._finish(channel, entries, False, effects)
+        return OK
+
+    def nack(
+        self,
+        ref: ChannelRef,
+        tag: int,
+        multiple: bool,
+        requeue: bool,
+        reject: bool,
+        effects: list[Effect],
+    ) -> Reply:
+        method = Method.BASIC_REJECT if reject else Method.BASIC_NACK
+        channel = self.channels.get(ref) or self._channel(ref)
+        entries = self._collect(channel, tag, multiple)
+        if entries is None:
+            return errors.unknown_tag(tag, method)
+        self._finish(channel, entries, requeue, effects)
+        return OK
+
+    def recover(self, ref: ChannelRef, requeue: bool, effects: list[Effect]) -> Reply:
+        if not requeue:
+            return errors.not_implemented("requeue=false", Method.BASIC_RECOVER)
+        channel = self.channels.get(ref)
+        if channel is not None:
+            entries = list(channel.unacked.values())
+            channel.unacked.clear()
+            self._finish(channel, entries, True, effects)
+        return OK
+
+    def _finish(
+        self, channel: Channel, entries: list[Unacked], requeue: bool, effects: list[Effect]
+    ) -> None:
+        """Settle (requeue=False) or give back (requeue=True) unacked entries, then deliver."""
+        touched: dict[Queue, None] = {}
+        credit = False
+        for queue, message, consumer in entries:
+            if consumer is not None:
+                consumer.unacked -= 1
+                channel.consumer_unacked -= 1
+                credit = True
+            if queue.deleted:
+                continue
+            if requeue:
+                queue.give_back(message)
+                touched[queue] = None
+            else:
+                queue.settle(message)
+                self.total_bytes -= len(message.body)
+        if credit:
+            for consumer in channel.consumers.values():
+                touched[consumer.queue] = None
+        for queue in touched:
+            if not queue.deleted:
+                self._dispatch(queue, effects)
+
+    # ---- delivery ----------------------------------------------------------------------
+
+    def _dispatch_channel(self, channel: Channel, effects: list[Effect]) -> None:
+        queues = dict.fromkeys(c.queue for c in channel.consumers.values())
+        for queue in queues:
+            self._dispatch(queue, effects)
+
+    def _dispatch(self, queue: Queue, effects: list[Effect]) -> None:
+        """Deliver ready messages while some consumer of `queue` can take one."""
+        groups = queue.groups
+        while queue.returned or queue.ready:
+            chosen: Consumer | None = None
+            for _, ring in groups:
+                for _ in range(len(ring)):
+                    candidate = ring[0]
+                    ring.rotate(-1)
+                    channel = candidate.channel
+                    if not channel.conn.writable:
+                        continue
+                    if not candidate.no_ack:
+                        limit = candidate.prefetch
+                        if limit and candidate.unacked >= limit:
+                            continue
+                        limit = channel.global_prefetch
+                        if limit and channel.consumer_unacked >= limit:
+                            continue
+                    chosen = candidate
+                    break
+                if chosen is not None:
+                    break
+            if chosen is None:
+                return
+            message = queue.pop()
+            assert message is not None
+            channel = chosen.channel
+            tag = channel.next_tag
+            channel.next_tag = tag + 1
+            message.delivery_count += 1
+            if chosen.no_ack:
+                self.total_bytes -= len(message.body)
+            else:
+                queue.unacked_count += 1
+                queue.unacked_bytes += len(message.body)
+                channel.unacked[tag] = (queue, message, chosen)
+                chosen.unacked += 1
+                channel.consumer_unacked += 1
+            effects.append(Deliver(channel.ref, chosen.tag, tag, message.redelivered, message))
+
+    # ---- read-only helpers -------------------------------------------------------------
+
+    def iter_queues(self, vhost: str) -> Iterator[Queue]:
+        vh = self.vhosts.get(vhost)
+        return iter(()) if vh is None else iter(list(vh.queues.values()))
+
+    def iter_exchanges(self, vhost: str) -> Iterator[Exchange]:
+        vh = self.vhosts.get(vhost)
+        return iter(()) if vh is None else iter(list(vh.exchanges.values()))
+
+    def iter_bindings(self, vhost: str) -> Iterator[Binding]:
+        vh = self.vhosts.get(vhost)
+        return iter(()) if vh is None else iter(list(vh.bindings.values()))
