@@ -18,8 +18,11 @@ import heapq
 from collections import OrderedDict, deque
 from typing import Any
 
+from node.broker.args import int_arg
 from node.broker.exchange_type import BindingSpec, ExchangeType, RoutingTable
 from node.broker.types import ChannelRef, ConnId, FieldTable, Message
+
+REJECT_OVERFLOW = frozenset({"reject-publish", "reject-publish-dlx"})
 
 
 class Exchange:
@@ -154,7 +157,10 @@ class Channel:
         self.consumers: dict[str, Consumer] = {}
         self.prefetch = 0  # basic.qos(global=False): for consumers created afterwards
         self.global_prefetch = 0  # basic.qos(global=True): shared by the channel's consumers
-        self.consumer_unacked = 0  # unacked deliveries made to consumers (not basic.get)
+        # The channel-wide prefetch count (RabbitMQ's limiter volume): reset to the number
+        # of unacked messages by basic.qos(global=True), +1 per delivery to an acking
+        # consumer, -1 when such a delivery is settled or requeued.
+        self.consumer_unacked = 0
 
 
 class Queue:
@@ -169,10 +175,14 @@ class Queue:
         "exclusive_consumer",
         "groups",
         "had_consumers",
+        "limited",
+        "max_bytes",
+        "max_length",
         "name",
         "owner",
         "ready",
         "ready_bytes",
+        "reject_publish",
         "returned",
         "unacked_bytes",
         "unacked_count",
@@ -209,6 +219,11 @@ class Queue:
         self.had_consumers = False
         self.deleted = False
         self.bindings_in: dict[Any, Binding] = {}
+        # Length limits (x-max-length, x-max-length-bytes) count ready messages only.
+        self.max_length = int_arg(arguments, "x-max-length")
+        self.max_bytes = int_arg(arguments, "x-max-length-bytes")
+        self.limited = self.max_length is not None or self.max_bytes is not None
+        self.reject_publish = arguments.get("x-overflow") in REJECT_OVERFLOW
 
     # ---- messages ----------------------------------------------------------------------
 
@@ -255,6 +270,28 @@ class Queue:
         self.returned.clear()
         self.ready_bytes = 0
         return count
+
+    def refuses(self, size: int) -> bool:
+        """x-overflow reject-publish: would one more message of `size` bytes exceed a limit?"""
+        if not self.reject_publish:
+            return False
+        if self.max_length is not None and self.message_count >= self.max_length:
+            return True
+        return self.max_bytes is not None and self.ready_bytes + size > self.max_bytes
+
+    def drop_over_limit(self) -> list[Message]:
+        """x-overflow drop-head: drop the oldest ready messages until within the limits."""
+        dropped: list[Message] = []
+        if self.reject_publish:
+            return dropped
+        while self.message_count and (
+            (self.max_length is not None and self.message_count > self.max_length)
+            or (self.max_bytes is not None and self.ready_bytes > self.max_bytes)
+        ):
+            message = self.pop()
+            assert message is not None
+            dropped.append(message)
+        return dropped
 
     def messages(self) -> list[Message]:
         """The ready messages in delivery order."""

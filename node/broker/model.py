@@ -103,20 +103,6 @@ def binding_key(source: str, kind: str, destination: str, key: str, args: FieldT
     return (source, kind, destination, key, arguments_.freeze(args))
 
 
-def _copy(message: Message) -> Message:
-    return Message(
-        message.id,
-        message.exchange,
-        message.routing_key,
-        message.properties,
-        message.props,
-        message.body,
-        message.published_ms,
-        message.redelivered,
-        message.delivery_count,
-    )
-
-
 class Broker:
     """Vhosts and their topology, messages, and the connection state that consumes them."""
 
@@ -206,7 +192,7 @@ class Broker:
                 self._delete_queue(queue, effects)
         for queue in touched:
             if not queue.deleted:
-                self._dispatch(queue, effects)
+                self._requeued(queue, effects)
 
     def close_connection(self, conn_id: ConnId, effects: list[Effect]) -> Reply:
         conn = self.conns.pop(conn_id, None)
@@ -598,20 +584,30 @@ class Broker:
             return NO_ROUTE if mandatory else _ROUTED[0]
         message_id = self.next_message_id
         self.next_message_id = message_id + 1
-        message = Message(message_id, exchange_name, routing_key, properties, props, body, now_ms)
         size = len(body)
-        first = True
+        rejected = False
         for queue in queues:
-            if first:
-                first = False
-            else:
-                message = _copy(message)
+            # Each queue owns its copy: redelivered and delivery_count are per queue.
+            if queue.limited and queue.refuses(size):
+                rejected = True
+                continue
+            message = Message(
+                message_id, exchange_name, routing_key, properties, props, body, now_ms
+            )
             queue.ready.append(message)
             queue.ready_bytes += size
             self.total_bytes += size
             if queue.consumers:
                 self._dispatch(queue, effects)
+            if queue.limited:
+                self._drop_over_limit(queue)
+        if rejected:
+            return Routed(len(queues), rejected=True)
         return _routed(len(queues))
+
+    def _drop_over_limit(self, queue: Queue) -> None:
+        for message in queue.drop_over_limit():
+            self.total_bytes -= len(message.body)
 
     def _route(self, exchange: Exchange, routing_key: str, headers: FieldTable | None) -> Any:
         found = exchange.table.route(routing_key, headers)
@@ -655,12 +651,21 @@ class Broker:
     def qos(
         self, ref: ChannelRef, prefetch_count: int, global_: bool, effects: list[Effect]
     ) -> Reply:
+        """RabbitMQ 3.x, quirks included (checked against 3.10):
+        - global=False sets the prefetch of consumers created afterwards AND lifts the
+          channel-wide limit (a later global=True sets it again);
+        - global=True limits the channel's consumer deliveries as a whole; its count starts
+          at every unacked message of the channel, basic.get ones included, and acks of
+          basic.get messages never lower it.
+        Either way, consumers that may now take more get them at once."""
         channel = self._channel(ref)
         if global_:
             channel.global_prefetch = prefetch_count
-            self._dispatch_channel(channel, effects)
+            channel.consumer_unacked = len(channel.unacked)
         else:
             channel.prefetch = prefetch_count
+            channel.global_prefetch = 0
+        self._dispatch_channel(channel, effects)
         return OK
 
     def consume(
@@ -831,7 +836,14 @@ class Broker:
                 touched[consumer.queue] = None
         for queue in touched:
             if not queue.deleted:
-                self._dispatch(queue, effects)
+                self._requeued(queue, effects)
+
+    def _requeued(self, queue: Queue, effects: list[Effect]) -> None:
+        """After messages went back: enforce drop-head limits (RabbitMQ drops before it
+        delivers again), then deliver."""
+        if queue.limited:
+            self._drop_over_limit(queue)
+        self._dispatch(queue, effects)
 
     # ---- delivery ----------------------------------------------------------------------
 

@@ -121,10 +121,14 @@ class Count:
 @dataclass(frozen=True, slots=True)
 class Routed:
     """Result of a publish. `returned` is set when mandatory and no queue took it: the
-    channel sends basic.return(312, NO_ROUTE) before any confirm."""
+    channel sends basic.return(312, NO_ROUTE) before any confirm. `rejected` is set when a
+    queue it was routed to refused it (x-overflow reject-publish at its length limit): the
+    publisher's confirm for it must be a basic.nack (no basic.return: it was routed).
+    `queues` counts the queues it was routed to, refusing ones included."""
 
     queues: int
     returned: bool = False
+    rejected: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,18 +204,46 @@ def test_global_prefetch_is_shared_by_the_channel(d) -> None:
     assert d.queue("q1").messages + d.queue("q2").messages == 0
 
 
-def test_global_and_per_consumer_prefetch_both_apply(d) -> None:
+def test_per_consumer_then_global_prefetch_both_apply(d) -> None:
     d.ok(d.declare("q"))
-    d.ok(d.qos(5, global_=True))
     d.ok(d.qos(2))
-    d.ok(d.consume("q", "a"))
-    d.ok(d.consume("q", "b"))
-    d.ok(d.consume("q", "c"))
+    d.ok(d.qos(5, global_=True))
+    for tag in "abc":
+        d.ok(d.consume("q", tag))
     for _ in range(10):
         d.ok(d.publish("", "q"))
     consumers = [e.consumer_tag for out in d.log for e in d.delivers(out)]
     assert consumers == ["a", "b", "c", "a", "b"]
     assert d.queue("q").messages == 5
+
+
+def test_per_consumer_qos_lifts_the_global_limit(d) -> None:
+    # RabbitMQ 3.10: basic.qos(global=false) after basic.qos(global=true) unlimits the channel.
+    d.ok(d.declare("q"))
+    d.ok(d.qos(3, global_=True))
+    d.ok(d.consume("q", "early"))
+    d.ok(d.qos(2))
+    d.ok(d.consume("q", "late"))
+    for _ in range(10):
+        d.ok(d.publish("", "q"))
+    consumers = [e.consumer_tag for out in d.log for e in d.delivers(out)]
+    assert consumers == ["early", "late", "early", "late"] + ["early"] * 6
+
+
+def test_global_prefetch_counts_unacked_gets_at_qos_time(d) -> None:
+    # RabbitMQ 3.10: the channel limit starts from every unacked message, and acking a
+    # basic.get message never frees a slot.
+    d.ok(d.declare("q"))
+    for _ in range(10):
+        d.ok(d.publish("", "q"))
+    d.ok(d.get("q"))
+    d.ok(d.get("q"))
+    d.ok(d.qos(3, global_=True))
+    out = d.run(d.consume("q", "t"))
+    assert [e.delivery_tag for e in d.delivers(out)] == [3]
+    assert d.delivers(d.run(d.ack(1))) == []
+    assert d.delivers(d.run(d.ack(2))) == []
+    assert [e.delivery_tag for e in d.delivers(d.run(d.ack(3)))] == [4]
 
 
 def test_get_does_not_count_against_global_prefetch(d) -> None:

@@ -48,6 +48,8 @@ class QueueModel(RuleBasedStateMachine):
         self.next_tag: dict[ChannelRef, int] = {}
         self.prefetch: dict[ChannelRef, int] = {}
         self.global_prefetch: dict[ChannelRef, int] = {}
+        # RabbitMQ's channel limiter volume (see Broker.qos for its quirks).
+        self.volume: dict[ChannelRef, int] = {}
         # consumer tag -> (channel, no_ack, prefetch)
         self.consumers: dict[str, tuple[ChannelRef, bool, int]] = {}
         self.writable = {1: True, 2: True}
@@ -66,9 +68,6 @@ class QueueModel(RuleBasedStateMachine):
         ref = self.consumers[tag][0]
         return sum(1 for _, ctag in self.unacked.get(ref, {}).values() if ctag == tag)
 
-    def _channel_consumer_unacked(self, ref: ChannelRef) -> int:
-        return sum(1 for _, ctag in self.unacked.get(ref, {}).values() if ctag is not None)
-
     def _can_take(self, tag: str) -> bool:
         ref, no_ack, prefetch = self.consumers[tag]
         if not self.writable[ref.conn]:
@@ -78,7 +77,7 @@ class QueueModel(RuleBasedStateMachine):
         if prefetch and self._consumer_unacked(tag) >= prefetch:
             return False
         limit = self.global_prefetch.get(ref, 0)
-        return not (limit and self._channel_consumer_unacked(ref) >= limit)
+        return not (limit and self.volume.get(ref, 0) >= limit)
 
     def _take_next(self, ref: ChannelRef, message_id: int, redelivered: bool, tag: int) -> None:
         assert self.ready, "delivered from an empty queue"
@@ -102,9 +101,14 @@ class QueueModel(RuleBasedStateMachine):
                 effect.message.id,
                 ctag,
             )
+            self.volume[ref] = self.volume.get(ref, 0) + 1
 
-    def _give_back(self, entries: list[tuple[int, str | None]], requeue: bool) -> None:
-        for message_id, _ in entries:
+    def _give_back(
+        self, ref: ChannelRef, entries: list[tuple[int, str | None]], requeue: bool
+    ) -> None:
+        for message_id, ctag in entries:
+            if ctag is not None:
+                self.volume[ref] -= 1
             if requeue:
                 self.ready[message_id] = True
                 self.requeued.add(message_id)
@@ -153,8 +157,10 @@ class QueueModel(RuleBasedStateMachine):
     def qos(self, ref: ChannelRef, count: int, global_: bool) -> None:
         if global_:
             self.global_prefetch[ref] = count
+            self.volume[ref] = len(self.unacked.get(ref, ()))
         else:
             self.prefetch[ref] = count
+            self.global_prefetch[ref] = 0
         cmd = c.Qos(channel=ref, prefetch_count=count, global_=global_)
         assert self._apply(cmd) == Ok()
 
@@ -204,7 +210,7 @@ class QueueModel(RuleBasedStateMachine):
         known = bool(taken) or (multiple and tag == 0)
         # Model first (deliveries triggered by the settle see the updated model).
         entries = [pending.pop(t) for t in taken]
-        self._give_back(entries, requeue=kind != "ack" and requeue)
+        self._give_back(ref, entries, requeue=kind != "ack" and requeue)
         reply = self._apply(cmd)
         if known:
             assert reply == Ok()
@@ -215,7 +221,7 @@ class QueueModel(RuleBasedStateMachine):
     @rule(ref=refs)
     def recover(self, ref: ChannelRef) -> None:
         pending = self.unacked.pop(ref, OrderedDict())
-        self._give_back(list(pending.values()), requeue=True)
+        self._give_back(ref, list(pending.values()), requeue=True)
         assert self._apply(c.Recover(channel=ref)) == Ok()
 
     @rule()
@@ -229,7 +235,8 @@ class QueueModel(RuleBasedStateMachine):
     @rule(ref=refs)
     def close_channel(self, ref: ChannelRef) -> None:
         pending = self.unacked.pop(ref, OrderedDict())
-        self._give_back(list(pending.values()), requeue=True)
+        self._give_back(ref, list(pending.values()), requeue=True)
+        self.volume.pop(ref, None)
         for tag in [t for t, (r, _, _) in self.consumers.items() if r == ref]:
             del self.consumers[tag]
         self.next_tag.pop(ref, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import commands as c
-from node.broker.types import AmqpError, Count, Ok, QueueDeclared
+from node.broker.types import AmqpError, Count, Ok, QueueDeclared, Routed
 
 LOCKED = (
     "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'q' in vhost '/'. It "
@@ -300,3 +300,68 @@ def test_queues_view(d) -> None:
     assert view.arguments == {"x-max-length": 5}
     assert (view.messages, view.unacked, view.consumers, view.message_bytes) == (1, 1, 0, 5)
     assert d.sm.total_message_bytes == 5
+
+
+# ---- length limits (x-max-length, x-max-length-bytes, x-overflow) -------------------------
+# Expected results observed on RabbitMQ 3.10.
+
+REJECT = {"x-overflow": "reject-publish"}
+
+
+def test_reject_publish_by_count(d) -> None:
+    d.ok(d.declare("q", arguments={"x-max-length": 1, **REJECT}))
+    assert d.ok(d.publish("", "q", b"m0")) == Routed(1)
+    assert d.ok(d.publish("", "q", b"m1")) == Routed(1, rejected=True)
+    assert d.ok(d.publish("", "q", b"m2", mandatory=True)) == Routed(1, rejected=True)
+    assert d.drain("q") == [(b"m0", False)]
+
+
+def test_reject_publish_by_bytes(d) -> None:
+    d.ok(d.declare("q", arguments={"x-max-length-bytes": 10, **REJECT}))
+    results = [d.ok(d.publish("", "q", b"x" * n)).rejected for n in (6, 6, 1, 11)]
+    assert results == [False, True, False, True]
+    assert [len(body) for body, _ in d.drain("q")] == [6, 1]
+
+
+def test_reject_publish_only_refuses_the_full_queue(d) -> None:
+    d.ok(d.declare("full", arguments={"x-max-length": 0, **REJECT}))
+    d.ok(d.declare("open"))
+    d.ok(d.bind("full", "amq.fanout"))
+    d.ok(d.bind("open", "amq.fanout"))
+    assert d.ok(d.publish("amq.fanout", "")) == Routed(2, rejected=True)
+    assert (d.queue("full").messages, d.queue("open").messages) == (0, 1)
+
+
+def test_drop_head_by_bytes_drops_until_within_limit(d) -> None:
+    d.ok(d.declare("q", arguments={"x-max-length-bytes": 10}))
+    for n in (6, 4, 1):
+        d.ok(d.publish("", "q", b"x" * n))
+    assert [len(b) for b, _ in d.drain("q")] == [4, 1]
+    for n in (6, 4, 1, 11):
+        assert d.ok(d.publish("", "q", b"x" * n)) == Routed(1)
+    assert d.drain("q") == []
+    assert d.sm.total_message_bytes == 0
+
+
+def test_drop_head_counts_ready_only_and_applies_to_requeues(d) -> None:
+    d.ok(d.declare("q", arguments={"x-max-length": 2}))
+    d.ok(d.publish("", "q", b"a"))
+    d.ok(d.publish("", "q", b"b"))
+    tag = d.ok(d.get("q")).delivery_tag  # a is unacked: not counted
+    d.ok(d.publish("", "q", b"c"))
+    d.ok(d.publish("", "q", b"d"))  # b dropped
+    assert d.queue("q").messages == 2
+    d.ok(d.nack(tag))  # a comes back at the head and is dropped at once
+    assert d.drain("q") == [(b"c", False), (b"d", False)]
+    assert d.sm.total_message_bytes == 0
+
+
+def test_zero_length_queue_still_feeds_a_waiting_consumer(d) -> None:
+    d.ok(d.declare("q", arguments={"x-max-length": 0}))
+    d.ok(d.consume("q", "t", no_ack=True))
+    assert d.bodies(d.run(d.publish("", "q", b"z"))) == [b"z"]
+    d.ok(d.declare("r", arguments={"x-max-length": 0, **REJECT}))
+    d.ok(d.consume("r", "u", no_ack=True))
+    out = d.run(d.publish("", "r", b"z"))
+    assert out.reply == Routed(1, rejected=True)
+    assert out.effects == []
