@@ -184,6 +184,7 @@ class Queue:
         "ready_bytes",
         "reject_publish",
         "returned",
+        "single_active",
         "unacked_bytes",
         "unacked_count",
         "vhost",
@@ -224,6 +225,7 @@ class Queue:
         self.max_bytes = int_arg(arguments, "x-max-length-bytes")
         self.limited = self.max_length is not None or self.max_bytes is not None
         self.reject_publish = arguments.get("x-overflow") in REJECT_OVERFLOW
+        self.single_active = arguments.get("x-single-active-consumer") is True
 
     # ---- messages ----------------------------------------------------------------------
 

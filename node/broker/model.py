@@ -103,6 +103,17 @@ def binding_key(source: str, kind: str, destination: str, key: str, args: FieldT
     return (source, kind, destination, key, arguments_.freeze(args))
 
 
+def _can_take(consumer: Consumer) -> bool:
+    channel = consumer.channel
+    if not channel.conn.writable:
+        return False
+    if consumer.no_ack:
+        return True
+    if consumer.prefetch and consumer.unacked >= consumer.prefetch:
+        return False
+    return not (channel.global_prefetch and channel.consumer_unacked >= channel.global_prefetch)
+
+
 class Broker:
     """Vhosts and their topology, messages, and the connection state that consumes them."""
 
@@ -178,6 +189,8 @@ class Broker:
             queue.remove_consumer(consumer)
             if queue.auto_delete and not queue.consumers and not queue.deleted:
                 emptied.append(queue)
+            elif queue.single_active:
+                touched[queue] = None
         channel.consumers = {}
         for queue, message, receiver in channel.unacked.values():
             if receiver is not None:
@@ -717,6 +730,8 @@ class Broker:
         queue.remove_consumer(consumer)
         if queue.auto_delete and not queue.consumers and not queue.deleted:
             self._delete_queue(queue, effects)
+        elif queue.single_active and not queue.deleted:
+            self._dispatch(queue, effects)  # the next subscriber takes over
         return OK
 
     def get(self, ref: ChannelRef, vhost: str, name: str, no_ack: bool) -> Reply:
@@ -857,6 +872,12 @@ class Broker:
         groups = queue.groups
         while queue.returned or queue.ready:
             chosen: Consumer | None = None
+            if queue.single_active:
+                # x-single-active-consumer: the earliest subscriber gets everything.
+                first = next(iter(queue.consumers), None)
+                if first is None or not _can_take(first):
+                    return
+                groups = [(0, deque([first]))]
             for _, ring in groups:
                 for _ in range(len(ring)):
                     candidate = ring[0]

@@ -434,3 +434,34 @@ def test_unknown_command_is_a_connection_error(d) -> None:
     assert isinstance(out.reply, AmqpError)
     assert out.reply.reply_code == 540
     assert out.reply.connection
+
+
+# ---- x-single-active-consumer (RabbitMQ 3.10 classic queues: no priorities among them) -----
+
+SAC = {"x-single-active-consumer": True}
+
+
+def test_single_active_consumer_gets_everything(d) -> None:
+    d.ok(d.declare("q", arguments=SAC))
+    d.ok(d.qos(1))
+    d.ok(d.consume("q", "a"))
+    d.ok(d.consume("q", "b", channel=d.ch(2, 1), no_ack=True))
+    d.ok(d.consume("q", "hi", channel=d.ch(2, 1), no_ack=True, arguments={"x-priority": 5}))
+    tags = [e.consumer_tag for _ in range(3) for e in d.delivers(d.run(d.publish("", "q")))]
+    assert tags == ["a"]  # a is at its prefetch limit; the others only stand by
+    assert d.ok(d.declare("q", passive=True)).consumer_count == 3
+
+
+def test_single_active_consumer_hands_over_in_subscription_order(d) -> None:
+    d.ok(d.declare("q", arguments=SAC))
+    d.ok(d.consume("q", "a", no_ack=True))
+    d.ok(d.consume("q", "b", channel=d.ch(2, 1), no_ack=True))
+    d.ok(d.consume("q", "c", channel=d.ch(3, 1), no_ack=True, arguments={"x-priority": 9}))
+    d.ok(c.SetWritable(conn=1, writable=False))
+    d.ok(d.publish("", "q", b"backlog"))
+    # The next subscriber takes over at once, backlog included.
+    out = d.run(c.Cancel(channel=d.ch(), consumer_tag="a"))
+    assert [(e.consumer_tag, e.message.body) for e in d.delivers(out)] == [("b", b"backlog")]
+    assert d.delivers(d.run(d.publish("", "q")))[0].consumer_tag == "b"
+    d.ok(c.CloseChannel(channel=d.ch(2, 1)))
+    assert d.delivers(d.run(d.publish("", "q")))[0].consumer_tag == "c"

@@ -373,7 +373,13 @@ commands = st.one_of(
 # A topology to start from, so that random commands mostly meet things that exist.
 PRELUDE: list[Any] = [
     c.DeclareQueue(vhost="/", queue="q1", owner=1, durable=True),
-    c.DeclareQueue(vhost="/", queue="q2", owner=2, auto_delete=True),
+    c.DeclareQueue(
+        vhost="/",
+        queue="q2",
+        owner=2,
+        auto_delete=True,
+        arguments={"x-single-active-consumer": True, "x-max-length": 3},
+    ),
     c.DeclareQueue(vhost="/", queue="amq.gen-x", owner=1, exclusive=True, server_named=True),
     c.DeclareExchange(vhost="/", exchange="x1", type="topic"),
     c.DeclareExchange(vhost="/", exchange="x2", type="fanout", auto_delete=True),
