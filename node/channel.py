@@ -281,6 +281,7 @@ class Channel:
                 exclusive=m.exclusive,
                 auto_delete=m.auto_delete,
                 arguments=m.arguments or {},
+                server_named=not m.queue and not m.passive,
             ),
             m,
         )
