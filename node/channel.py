@@ -29,13 +29,14 @@ from node.broker.types import (
     Reply,
     Routed,
 )
-from node.protocol.codec import AckMethod, peek_properties
+from node.protocol.codec import AckMethod, decode_properties, peek_properties
 from node.protocol.connection import ChannelContent, ServerConnection
 
 NOT_IMPLEMENTED = 540
 PRECONDITION_FAILED = 406
 NOT_FOUND = 404
 NO_ROUTE = 312
+USER_ID_FLAG = 0x10  # bit 4 of the property flags' low byte: user-id present
 
 
 class ChannelError(Exception):
@@ -49,6 +50,7 @@ class Host(Protocol):
 
     conn_id: int
     vhost: str
+    user: str
     proto: ServerConnection
 
     def execute(self, command: cmd.AnyCommand) -> Reply: ...
@@ -79,6 +81,7 @@ class Channel:
         "_confirm_sent",
         "_handlers",
         "_last_queue",
+        "_nacked",
         "_tx_buffer",
         "confirm",
         "host",
@@ -95,6 +98,7 @@ class Channel:
         self.tx = False
         self._confirm_count = 0  # publishes seen since confirm.select
         self._confirm_sent = 0  # highest sequence number acked to the publisher
+        self._nacked: set[int] = set()  # sequence numbers to nack at the next flush
         self._tx_buffer: list[cmd.Publish | cmd.Ack | cmd.Nack] = []
         self._last_queue = ""
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -139,6 +143,8 @@ class Channel:
                 AmqpError(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true", 60, 40)
             )
         delivery_mode, priority, expiration, headers = peek_properties(content.properties)
+        if len(content.properties) >= 2 and content.properties[1] & USER_ID_FLAG:
+            self._check_user_id(content.properties)
         command = cmd.Publish(
             now_ms=self.host.now_ms(),
             channel=self.ref,
@@ -156,13 +162,37 @@ class Channel:
             return
         self._publish(command)
 
+    def _check_user_id(self, properties: bytes) -> None:
+        """RabbitMQ's validated user-id: the property must name the authenticated user."""
+        user_id = decode_properties(properties).user_id
+        if user_id is not None and user_id != self.host.user:
+            raise ChannelError(
+                AmqpError(
+                    PRECONDITION_FAILED,
+                    f"PRECONDITION_FAILED - user_id property set to '{user_id}' but "
+                    f"authenticated user was '{self.host.user}'",
+                    60,
+                    40,
+                )
+            )
+
     def flush_confirms(self) -> None:
         """Send basic.ack for every confirmed publish: one multiple=true ack when several
         contiguous sequence numbers are due, as RabbitMQ does."""
         due = self._confirm_count - self._confirm_sent
         if due <= 0:
             return
-        self.host.proto.send_ack(self.number, self._confirm_count, due > 1)
+        proto = self.host.proto
+        if not self._nacked:
+            proto.send_ack(self.number, self._confirm_count, due > 1)
+        else:
+            # Rare: some publishes were refused. Confirm one by one, in order.
+            for seq in range(self._confirm_sent + 1, self._confirm_count + 1):
+                if seq in self._nacked:
+                    proto.send_method(self.number, spec.Basic.Nack(seq, False, False))
+                else:
+                    proto.send_ack(self.number, seq, False)
+            self._nacked.clear()
         self._confirm_sent = self._confirm_count
 
     # ---- helpers -----------------------------------------------------------------------
@@ -200,6 +230,8 @@ class Channel:
             )
         if self.confirm:
             self._confirm_count += 1
+            if isinstance(reply, Routed) and reply.rejected:
+                self._nacked.add(self._confirm_count)
 
     # ---- exchange ----------------------------------------------------------------------
 
@@ -357,7 +389,7 @@ class Channel:
     def _basic_qos(self, m: spec.Basic.Qos) -> None:
         if m.prefetch_size != 0:
             raise error_for(
-                m, NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!={m.prefetch_size}"
+                m, NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!=0 ({m.prefetch_size})"
             )
         self._run(
             cmd.Qos(

@@ -48,8 +48,6 @@ READ_SIZE = 256 * 1024
 # connection's consumers, below LOW it resumes (RabbitMQ's credit flow, in bytes).
 OUT_HIGH = 4 * 1024 * 1024
 OUT_LOW = 1 * 1024 * 1024
-HANDSHAKE_TIMEOUT_S = 10.0  # RabbitMQ's handshake_timeout
-CLOSE_OK_TIMEOUT_S = 3.0  # how long a server-initiated close waits for close-ok
 SHUTDOWN_GRACE_S = 3.0
 # Reply codes that the AMQP 0-9-1 spec makes connection errors ("hard errors").
 HARD_ERRORS = frozenset({320, 402, 501, 502, 503, 504, 505, 506, 530, 540, 541})
@@ -177,6 +175,7 @@ class BrokerNode:
         self.log.info("node.stopping", connections=len(self.connections))
         for conn in list(self.connections.values()):
             conn.force_close(320, SHUTDOWN_TEXT)
+            conn.process_events()
         self.dispatch()
         with anyio.move_on_after(SHUTDOWN_GRACE_S):
             while self.connections:
@@ -216,8 +215,8 @@ class ClientConnection:
         self.blocked = False
         self.opened = False
         self.closed = False
-        self._close_deadline: float | None = None
-        self._started = time.monotonic()
+        self._reader_scope = anyio.CancelScope()
+        self._confirming: set[Channel] = set()
         self._released = False
         self._handlers: dict[type, Callable[[Any], None]] = {
             LoginRequested: self._on_login,
@@ -249,7 +248,8 @@ class ClientConnection:
             tg.start_soon(self._writer)
             tg.start_soon(self._ticker)
             try:
-                await self._reader()
+                with self._reader_scope:
+                    await self._reader()
             finally:
                 self.closed = True
                 # Let the writer put the last frames (close, close-ok) on the wire.
@@ -259,6 +259,11 @@ class ClientConnection:
                         self._drained = anyio.Event()
                         await self._drained.wait()
                 tg.cancel_scope.cancel()
+
+    def _stop(self) -> None:
+        """The protocol says the connection is over: stop reading, flush, close."""
+        self.closed = True
+        self._reader_scope.cancel()
 
     async def _reader(self) -> None:
         while not self.closed:
@@ -280,7 +285,7 @@ class ClientConnection:
                 self.log.info("connection.lost", peer=self.peer, reason=str(exc))
                 return
             self.proto.receive_data(data, time.monotonic())
-            self._process_events()
+            self.process_events()
             self.node.dispatch()
 
     async def _blocked_wait(self) -> None:
@@ -323,44 +328,36 @@ class ClientConnection:
             self._drained.set()
 
     async def _ticker(self) -> None:
-        while True:
-            await anyio.sleep(1.0)
-            now = time.monotonic()
-            if self._close_deadline is not None and now > self._close_deadline:
-                self.log.info("connection.close_timeout", peer=self.peer)
-                await self._abort()
-                return
-            if not self.opened and now - self._started > HANDSHAKE_TIMEOUT_S:
-                self.log.info("connection.handshake_timeout", peer=self.peer)
-                await self._abort()
-                return
+        """Heartbeats and the protocol's timeouts (handshake, close-ok, missed beats)."""
+        while not self.closed:
+            deadline = self.proto.next_deadline()
+            delay = 1.0 if deadline is None else deadline - time.monotonic()
+            await anyio.sleep(min(max(delay, 0.01), 1.0))
             if self.blocked:
                 # Not reading while blocked: keep the client's heartbeat monitor fed.
                 if self.proto.heartbeat:
                     self._enqueue(HEARTBEAT_FRAME)
                 continue
-            self.proto.tick(now)
-            self._process_events()
+            self.proto.tick(time.monotonic())
+            self.process_events()
             self.node.dispatch()
-
-    async def _abort(self) -> None:
-        self.closed = True
-        with anyio.CancelScope(shield=True):
-            await self.stream.aclose()
 
     # ---- events from the protocol ------------------------------------------------------
 
-    def _process_events(self) -> None:
+    def process_events(self) -> None:
         proto = self.proto
         handlers = self._handlers
-        while not self.closed:
+        while True:
             event = proto.next_event()
             if event is None:
                 break
             handlers[type(event)](event)
-            if self.node._effects:
-                self.node.dispatch()
+        for channel in self._confirming:
+            channel.flush_confirms()
+        self._confirming.clear()
         self.node.mark_dirty(self)
+        if self.closed:
+            self._stop()
 
     def _on_login(self, ev: LoginRequested) -> None:
         user = self.node.config.user(ev.username)
@@ -400,7 +397,7 @@ class ClientConnection:
             self._fail(channel, exc.error)
         else:
             if channel.confirm:
-                channel.flush_confirms()
+                self._confirming.add(channel)
 
     def _on_channel_content(self, ev: ChannelContent) -> None:
         channel = self.channels.get(ev.channel)
@@ -412,7 +409,7 @@ class ClientConnection:
             self._fail(channel, exc.error)
         else:
             if channel.confirm:
-                channel.flush_confirms()
+                self._confirming.add(channel)
 
     def _on_channel_closed(self, ev: ChannelClosed) -> None:
         channel = self.channels.pop(ev.channel, None)
@@ -452,10 +449,8 @@ class ClientConnection:
 
     def force_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         """Server-initiated connection.close; the socket goes after close-ok or a timeout."""
-        if self._close_deadline is None:
-            self.proto.close(code, text, class_id, method_id)
-            self._close_deadline = time.monotonic() + CLOSE_OK_TIMEOUT_S
-            self.node.mark_dirty(self)
+        self.proto.close(code, text, class_id, method_id)
+        self.node.mark_dirty(self)
 
     # ---- effects and output ------------------------------------------------------------
 
