@@ -426,7 +426,9 @@ class Channel:
 
     def _basic_cancel(self, m: spec.Basic.Cancel) -> None:
         self._run(
-            cmd.Cancel(now_ms=self.host.now_ms(), channel=self.ref, consumer_tag=m.consumer_tag),
+            cmd.Cancel(
+                now_ms=self.host.now_ms(), channel=self.ref, consumer_tag=m.consumer_tag or ""
+            ),
             m,
         )
         if not m.nowait:
@@ -495,7 +497,7 @@ class Channel:
             cmd.Nack(
                 now_ms=self.host.now_ms(),
                 channel=self.ref,
-                delivery_tag=m.delivery_tag,
+                delivery_tag=m.delivery_tag or 0,
                 multiple=False,
                 requeue=m.requeue,
             ),

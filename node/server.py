@@ -152,12 +152,12 @@ class BrokerNode:
     async def handle_client(self, stream: SocketStream) -> None:
         conn_id = self._next_conn
         self._next_conn += 1
-        try:
-            host, port = stream.extra(SocketAttribute.remote_address)[:2]
-            peer = f"{host}:{port}"
-        except Exception:
-            host, peer = "", "?"
-        conn = ClientConnection(self, stream, conn_id, str(host), peer)
+        address = stream.extra(SocketAttribute.remote_address, None)
+        if isinstance(address, tuple):
+            host, peer = str(address[0]), f"{address[0]}:{address[1]}"
+        else:
+            host, peer = "", str(address)
+        conn = ClientConnection(self, stream, conn_id, host, peer)
         self.connections[conn_id] = conn
         try:
             await conn.run()
