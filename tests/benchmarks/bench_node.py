@@ -38,6 +38,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,7 @@ class Broker:
     def __init__(self) -> None:
         self.port = 0
         self.pid: int | None = None
+        self.notes: list[str] = []  # events worth a line under the table
 
     @property
     def endpoint(self) -> lg.Endpoint:
@@ -279,6 +281,7 @@ class RabbitMQ(Broker):
             log.warning("rabbitmqctl stop timed out")
         if self.pid is not None and pid_alive(self.pid):
             log.warning("RabbitMQ pid=%d still alive: SIGKILL", self.pid)
+            self.notes.append("RabbitMQ did not stop with rabbitmqctl and was killed")
             for p in reversed(process_tree(self.pid)):
                 with contextlib.suppress(OSError):
                     os.kill(p, signal.SIGKILL)
@@ -362,6 +365,9 @@ class Warren(Broker):
                 self.proc.returncode,
                 self.log_tail(),
             )
+            self.notes.append(
+                f"Warren exited with code {self.proc.returncode} during the run and was restarted"
+            )
             self.start()
 
     def stop(self) -> None:
@@ -375,11 +381,13 @@ class Warren(Broker):
                 proc.wait(WARREN_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 log.warning("Warren did not exit in %.0fs: SIGKILL", WARREN_STOP_TIMEOUT_S)
+                self.notes.append(f"Warren ignored SIGTERM for {WARREN_STOP_TIMEOUT_S:.0f}s")
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.info("Warren exit code %s", proc.returncode)
-        self.proc_for_log = proc
+        if proc.returncode != 0:
+            self.notes.append(f"Warren's exit code on SIGTERM at the end: {proc.returncode}")
 
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError, AttributeError):
@@ -759,6 +767,7 @@ def render(
     scenarios: Sequence[str],
     brokers: Sequence[str],
     header: list[str],
+    notes: Sequence[str] = (),
 ) -> str:
     lines = [*header, ""]
     lines.append("| scenario | unit | RabbitMQ | Warren | ratio W/R | target | met? |")
@@ -796,16 +805,16 @@ def render(
             f"| {metric.label} | {metric.unit} | {cells['RabbitMQ']} | {cells['Warren']} "
             f"| {ratio_s} | {target} | {met} |"
         )
-    notes: list[str] = []
+    cpu_rows: list[str] = []
     for broker in brokers:
         for scenario in scenarios:
             got = results.get(broker, {}).get(scenario)
             if isinstance(got, Measured):
                 for run, cpu in got.cpu.items():
-                    notes.append(f"| {broker} | {run} | {cpu} |")
+                    cpu_rows.append(f"| {broker} | {run} | {cpu} |")
             elif isinstance(got, str):
-                notes.append(f"| {broker} | {scenario} | error: {_cell(got)} |")
-    if notes:
+                cpu_rows.append(f"| {broker} | {scenario} | error: {_cell(got)} |")
+    if cpu_rows:
         lines += [
             "",
             "CPU in the measurement window (or the error), % of one core",
@@ -813,13 +822,52 @@ def render(
             "",
             "| broker | run | CPU |",
             "|---|---|---|",
-            *notes,
+            *cpu_rows,
         ]
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
+
+
+def _measure(scenario: str, b: Broker, opts: Options, rep: int, repeat: int) -> Measured | str:
+    """One scenario on one broker: its measures, or the error text (the run goes on)."""
+    log.info("== %s on %s%s", scenario, b.label, f" (run {rep}/{repeat})" if repeat > 1 else "")
+    try:
+        b.ensure_running()
+        m = RUNNERS[scenario](b, opts)
+    except Exception as exc:  # one failed measurement must not end the run
+        if not isinstance(exc, BenchError | OSError | lg.AmqpError | TimeoutError):
+            log.exception("unexpected error")
+        log.error("%s on %s failed: %s", scenario, b.label, exc)
+        tail = b.log_tail()
+        if tail:
+            log.error("%s log tail:\n%s", b.label, tail)
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if repeat > 1:
+        m.cpu = {f"{run} #{rep}": cpu for run, cpu in m.cpu.items()}
+    return m
+
+
+def _combine(got: Sequence[Measured | str]) -> Measured | str:
+    """Repeated runs: the median of each value over the runs that succeeded."""
+    ok = [m for m in got if isinstance(m, Measured)]
+    if not ok:
+        return next((e for e in got if isinstance(e, str)), "no run")
+    if len(ok) == 1 and len(got) == 1:
+        return ok[0]
+    out = Measured()
+    for key in ok[0].values:
+        out.values[key] = statistics.median(m.values[key] for m in ok if key in m.values)
+    for m in ok:
+        out.cpu.update(m.cpu)
+    for e in got:
+        if isinstance(e, str):
+            out.cpu[f"failed run ({len(got) - len(ok)} of {len(got)})"] = _cell(e)
+    return out
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -834,6 +882,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before the window opens")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every scenario N times per broker (alternating) and report medians",
+    )
     p.add_argument("--rabbitmq", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--warren", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the table here")
@@ -884,7 +938,12 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _header(args: argparse.Namespace, loop_kind: str, cap: tuple[float, float]) -> list[str]:
+def _header(
+    args: argparse.Namespace,
+    loop_kind: str,
+    cap: tuple[float, float],
+    load: tuple[float, float],
+) -> list[str]:
     return [
         "## Warren vs RabbitMQ (tests/benchmarks/bench_node.py)",
         "",
@@ -893,10 +952,13 @@ def _header(args: argparse.Namespace, loop_kind: str, cap: tuple[float, float]) 
         f"- window {args.duration:g}s after {args.warmup:g}s warm-up · body {args.body_size} B "
         f"· non-persistent · prefetch {args.prefetch} · "
         f"{'ack per message' if args.ack_every == 1 else f'ack multiple every {args.ack_every}'}"
+        f"{f' · median of {args.repeat} runs' if args.repeat > 1 else ''}"
         f" · latency at {args.latency_rate:g} msg/s · churn concurrency "
         f"{args.churn_concurrency} · {args.queues:,} queues",
         f"- load generator capacity, one core, no broker: consume+ack {cap[0]:,.0f} msg/s, "
         f"publish {cap[1]:,.0f} msg/s",
+        f"- machine load average (1 min) at start {load[0]:.1f}, at end {load[1]:.1f} "
+        f"(above {os.cpu_count()} means other work competed for the CPUs: noisy figures)",
     ]
 
 
@@ -926,9 +988,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop_kind = lg.install_event_loop_policy()
     cap = (asyncio.run(lg.consumer_capacity(100_000)), asyncio.run(lg.producer_capacity(1.0)))
     log.info("load generator capacity: consume+ack %.0f msg/s, publish %.0f msg/s", *cap)
+    load_start = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="warren-bench-"))
     brokers: list[Broker] = []
-    results: dict[str, dict[str, Measured | str]] = {}
+    runs: dict[str, dict[str, list[Measured | str]]] = {}
+    interrupted = ""
     try:
         with _signals_raise():
             if args.rabbitmq:
@@ -942,25 +1006,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     live.append(b)
                 except (BenchError, OSError, subprocess.SubprocessError) as exc:
                     log.error("%s did not start: %s", b.label, exc)
-                    results[b.label] = dict.fromkeys(scenarios, f"did not start: {_cell(str(exc))}")
+                    why = f"did not start: {_cell(str(exc))}"
+                    runs[b.label] = {sc: [why] for sc in scenarios}
             for scenario in scenarios:
-                for b in live:
-                    log.info("== %s on %s", scenario, b.label)
-                    try:
-                        b.ensure_running()
-                        results.setdefault(b.label, {})[scenario] = RUNNERS[scenario](b, opts)
-                    except Exception as exc:  # one failed measurement must not end the run
-                        if not isinstance(exc, BenchError | OSError | lg.AmqpError | TimeoutError):
-                            log.exception("unexpected error")
-                        text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                        log.error("%s on %s failed: %s", scenario, b.label, exc)
-                        tail = b.log_tail()
-                        if tail:
-                            log.error("%s log tail:\n%s", b.label, tail)
-                        results.setdefault(b.label, {})[scenario] = text
+                for rep in range(1, args.repeat + 1):
+                    for b in live:
+                        got = _measure(scenario, b, opts, rep, args.repeat)
+                        runs.setdefault(b.label, {}).setdefault(scenario, []).append(got)
     except (KeyboardInterrupt, _Interrupted) as exc:
-        log.error("interrupted (%s): stopping the brokers", exc.args[0] if exc.args else "SIGINT")
-        return 130
+        why = exc.args[0] if exc.args else "SIGINT"
+        log.error("interrupted (%s): stopping the brokers", why)
+        interrupted = f"interrupted by {why}: the table holds what was measured before"
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
@@ -973,12 +1029,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("kept %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    table = render(results, scenarios, [b.label for b in brokers], _header(args, loop_kind, cap))
+    results = {
+        broker: {sc: _combine(got) for sc, got in per.items()} for broker, per in runs.items()
+    }
+    notes = [n for b in brokers for n in b.notes]
+    if interrupted:
+        notes.append(interrupted)
+    table = render(
+        results,
+        scenarios,
+        [b.label for b in brokers],
+        _header(args, loop_kind, cap, (load_start, os.getloadavg()[0])),
+        notes,
+    )
     sys.stdout.write(table)
     if args.markdown:
         args.markdown.write_text(table)
         log.info("wrote %s", args.markdown)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
