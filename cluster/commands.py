@@ -54,6 +54,13 @@ class SetWritable(Command):
     writable: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick(Command):
+    """Time passes: expire messages past their TTL at the head of their queues and delete
+    queues idle past their x-expires. The shell applies one every few hundred ms; every
+    other command also advances the model's clock to its `now_ms`."""
+
+
 # ---- exchanges -----------------------------------------------------------------------
 
 
@@ -237,6 +244,7 @@ AnyCommand = (
     | CloseChannel
     | CloseConnection
     | SetWritable
+    | Tick
     | DeclareExchange
     | DeleteExchange
     | BindExchange

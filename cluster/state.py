@@ -4,7 +4,9 @@ Rules:
 - `apply` is deterministic and total: the same commands in the same order give the same
   state, replies and effects on every replica; a client's mistake comes back as an
   `AmqpError` reply (RabbitMQ's code and text), never as an exception. Time comes only from
-  the commands' `now_ms`. No I/O, no clock, no randomness.
+  the commands' `now_ms` (the model keeps the largest seen, so its clock never goes back);
+  `Tick` commands let time pass when nothing else happens (TTL, x-expires).
+  No I/O, no clock, no randomness.
 - One handler per command type, looked up in a table keyed by the command's class.
 - After an `AmqpError` reply the state is unchanged. The channel layer then applies
   `CloseChannel` (channel error) or `CloseConnection` (`AmqpError.connection`), as the
@@ -54,6 +56,7 @@ class StateMachine:
             c.CloseChannel: self._close_channel,
             c.CloseConnection: self._close_connection,
             c.SetWritable: self._set_writable,
+            c.Tick: self._tick,
             c.DeclareExchange: self._declare_exchange,
             c.DeleteExchange: lambda cmd: Outcome(
                 b.delete_exchange(cmd.vhost, cmd.exchange, if_unused=cmd.if_unused)
@@ -99,6 +102,8 @@ class StateMachine:
             name = type(cmd).__name__
             error = AmqpError(NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - {name}", connection=True)
             return Outcome(error)
+        if cmd.now_ms > self._broker.now_ms:
+            self._broker.now_ms = cmd.now_ms  # the model's clock never goes back
         return handler(cmd)
 
     # ---- handlers that produce effects -------------------------------------------------
@@ -114,6 +119,10 @@ class StateMachine:
     def _set_writable(self, cmd: c.SetWritable) -> Outcome:
         effects: list[Effect] = []
         return Outcome(self._broker.set_writable(cmd.conn, cmd.writable, effects), effects)
+
+    def _tick(self, cmd: c.Tick) -> Outcome:
+        effects: list[Effect] = []
+        return Outcome(self._broker.tick(effects), effects)
 
     def _declare_exchange(self, cmd: c.DeclareExchange) -> Outcome:
         reply = self._broker.declare_exchange(

@@ -15,6 +15,7 @@ Pure functions only; imports nothing from anyio, pysyncobj or sockets.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -250,3 +251,29 @@ def int_arg(arguments: FieldTable, key: str) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
+
+
+# ---- the expiration property -----------------------------------------------------------
+
+# RabbitMQ refuses per-message TTLs above ten years.
+MAX_EXPIRATION_MS = 315_360_000_000
+_LEADING_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_expiration(text: str | None) -> tuple[int | None, str | None]:
+    """(TTL in ms or None, None) for a valid expiration property, else (None, the error
+    detail RabbitMQ prints after "invalid expiration '...': ")."""
+    if not text:
+        return None, None
+    found = _LEADING_INTEGER.match(text)
+    if found is None:
+        return None, "no_integer"
+    rest = text[found.end() :]
+    if rest:
+        return None, f'{{leftover_string,"{rest}"}}'
+    value = int(found.group())
+    if value < 0:
+        return None, f"{{value_negative,{value}}}"
+    if value > MAX_EXPIRATION_MS:
+        return None, f"{{value_too_large,{value}}}"
+    return value, None

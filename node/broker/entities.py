@@ -173,8 +173,11 @@ class Queue:
         "durable",
         "exclusive",
         "exclusive_consumer",
+        "expires",
+        "expiring",
         "groups",
         "had_consumers",
+        "last_used_ms",
         "limited",
         "max_bytes",
         "max_length",
@@ -185,6 +188,7 @@ class Queue:
         "reject_publish",
         "returned",
         "single_active",
+        "ttl",
         "unacked_bytes",
         "unacked_count",
         "vhost",
@@ -226,6 +230,10 @@ class Queue:
         self.limited = self.max_length is not None or self.max_bytes is not None
         self.reject_publish = arguments.get("x-overflow") in REJECT_OVERFLOW
         self.single_active = arguments.get("x-single-active-consumer") is True
+        self.ttl = int_arg(arguments, "x-message-ttl")  # ms, for every message
+        self.expiring = self.ttl is not None  # may hold messages that expire
+        self.expires = int_arg(arguments, "x-expires")  # ms unused before deletion
+        self.last_used_ms = 0
 
     # ---- messages ----------------------------------------------------------------------
 
@@ -272,6 +280,25 @@ class Queue:
         self.returned.clear()
         self.ready_bytes = 0
         return count
+
+    def head(self) -> Message | None:
+        if self.returned:
+            return self.returned[0][1]
+        return self.ready[0] if self.ready else None
+
+    def pop_expired(self, now_ms: int, *, inclusive: bool = False) -> list[Message]:
+        """Remove the messages at the head whose TTL has run out (RabbitMQ expires from the
+        head only: an expired message behind a live one waits its turn). `inclusive` also
+        takes those expiring right now (a TTL of 0 not delivered at once)."""
+        gone: list[Message] = []
+        while True:
+            head = self.head()
+            if head is None or head.expires_ms is None:
+                return gone
+            if head.expires_ms > now_ms or (head.expires_ms == now_ms and not inclusive):
+                return gone
+            self.pop()
+            gone.append(head)
 
     def refuses(self, size: int) -> bool:
         """x-overflow reject-publish: would one more message of `size` bytes exceed a limit?"""

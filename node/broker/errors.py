@@ -149,3 +149,8 @@ def invalid_consumer_arg(vhost: str, queue: str, key: str, detail: str) -> AmqpE
 
 def not_implemented(text: str, method: Method) -> AmqpError:
     return error(NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - {text}", method, connection=True)
+
+
+def invalid_expiration(text: str, detail: str) -> AmqpError:
+    message = f"PRECONDITION_FAILED - invalid expiration '{text}': {detail}"
+    return error(PRECONDITION_FAILED, message, Method.BASIC_PUBLISH)

@@ -128,6 +128,9 @@ class Broker:
         self.channels: dict[ChannelRef, Channel] = {}
         self.next_message_id = 1
         self.total_bytes = 0  # message bodies held, ready + unacked
+        self.now_ms = 0  # the latest command time seen: the model's only clock
+        self.expiring: dict[Queue, None] = {}  # queues that may hold messages with a TTL
+        self.expirable: dict[Queue, None] = {}  # queues with x-expires
         for name in vhosts:
             self.add_vhost(name)
 
@@ -187,6 +190,7 @@ class Broker:
             queue = consumer.queue
             consumer.active = False
             queue.remove_consumer(consumer)
+            queue.last_used_ms = self.now_ms
             if queue.auto_delete and not queue.consumers and not queue.deleted:
                 emptied.append(queue)
             elif queue.single_active:
@@ -388,7 +392,11 @@ class Broker:
         vh = self.vhosts.get(vhost)
         if vh is None:
             return errors.no_vhost(vhost, method)
-        queue = vh.queues.get(name)
+        queue = self._lookup(vh, name)
+        if queue is not None:
+            queue.last_used_ms = self.now_ms  # a declaration counts as use (x-expires)
+            if queue.expiring:
+                self._expire(queue)
         if passive:
             if queue is None:
                 return errors.no_queue(vhost, name, method)
@@ -443,10 +451,30 @@ class Broker:
             owner=owner if exclusive else None,
             arguments=arguments,
         )
-        vh.queues[name] = queue
-        if exclusive:
-            self.connection(owner).exclusive_queues[(vhost, name)] = queue
+        queue.last_used_ms = self.now_ms
+        self.register_queue(vh, queue)
         return QueueDeclared(name, 0, 0)
+
+    def register_queue(self, vh: Vhost, queue: Queue) -> None:
+        vh.queues[queue.name] = queue
+        if queue.exclusive and queue.owner is not None:
+            self.connection(queue.owner).exclusive_queues[(vh.name, queue.name)] = queue
+        if queue.expiring:
+            self.expiring[queue] = None
+        if queue.expires is not None:
+            self.expirable[queue] = None
+
+    def _lookup(self, vh: Vhost, name: str) -> Queue | None:
+        """The queue, unless x-expires says it is gone (then it goes now)."""
+        queue = vh.queues.get(name)
+        if queue is not None and queue.expires is not None and self._idle_expired(queue):
+            self._delete_queue(queue, [])
+            return None
+        return queue
+
+    def _idle_expired(self, queue: Queue) -> bool:
+        assert queue.expires is not None
+        return not queue.consumers and self.now_ms - queue.last_used_ms >= queue.expires
 
     def _owned_queue(
         self, vhost: str, name: str, owner: ConnId, method: Method
@@ -454,11 +482,13 @@ class Broker:
         vh = self.vhosts.get(vhost)
         if vh is None:
             return errors.no_vhost(vhost, method)
-        queue = vh.queues.get(name)
+        queue = self._lookup(vh, name)
         if queue is None:
             return errors.no_queue(vhost, name, method)
         if queue.exclusive and queue.owner != owner:
             return errors.locked(vhost, name, method)
+        if queue.expiring:
+            self._expire(queue)
         return queue
 
     def delete_queue(
@@ -475,7 +505,7 @@ class Broker:
         vh = self.vhosts.get(vhost)
         if vh is None:
             return errors.no_vhost(vhost, method)
-        if name not in vh.queues:
+        if self._lookup(vh, name) is None:
             return Count(0)  # RabbitMQ 3.x: deleting a missing queue succeeds
         queue = self._owned_queue(vhost, name, owner, method)
         if isinstance(queue, AmqpError):
@@ -499,6 +529,8 @@ class Broker:
         self.total_bytes -= queue.ready_bytes + queue.unacked_bytes
         queue.purge()
         del vh.queues[queue.name]
+        self.expiring.pop(queue, None)
+        self.expirable.pop(queue, None)
         if queue.owner is not None:
             conn = self.conns.get(queue.owner)
             if conn is not None:
@@ -590,6 +622,11 @@ class Broker:
             return errors.no_exchange(vhost, exchange_name, Method.BASIC_PUBLISH)
         if exchange.internal:
             return errors.internal_exchange(vhost, exchange_name)
+        message_ttl: int | None = None
+        if props.expiration:
+            message_ttl, problem = arguments_.parse_expiration(props.expiration)
+            if problem is not None:
+                return errors.invalid_expiration(props.expiration, problem)
         queues = self._route(exchange, routing_key, props.headers)
         if not queues and exchange.alternate is not None:
             queues = self._route_alternate(vh, exchange, routing_key, props.headers)
@@ -607,6 +644,11 @@ class Broker:
             message = Message(
                 message_id, exchange_name, routing_key, properties, props, body, now_ms
             )
+            if message_ttl is not None or queue.ttl is not None:
+                message.expires_ms = self._expiry(queue.ttl, message_ttl)
+                if not queue.expiring:
+                    queue.expiring = True
+                    self.expiring[queue] = None
             queue.ready.append(message)
             queue.ready_bytes += size
             self.total_bytes += size
@@ -614,9 +656,35 @@ class Broker:
                 self._dispatch(queue, effects)
             if queue.limited:
                 self._drop_over_limit(queue)
+            if queue.expiring:
+                # A TTL of 0: gone unless a consumer took it just now.
+                self._expire(queue, inclusive=True)
         if rejected:
             return Routed(len(queues), rejected=True)
         return _routed(len(queues))
+
+    def _expiry(self, queue_ttl: int | None, message_ttl: int | None) -> int:
+        if queue_ttl is None:
+            assert message_ttl is not None
+            return self.now_ms + message_ttl
+        if message_ttl is None:
+            return self.now_ms + queue_ttl
+        return self.now_ms + min(queue_ttl, message_ttl)
+
+    def _expire(self, queue: Queue, *, inclusive: bool = False) -> None:
+        for message in queue.pop_expired(self.now_ms, inclusive=inclusive):
+            self.total_bytes -= len(message.body)
+
+    def tick(self, effects: list[Effect]) -> Reply:
+        """Expire messages at the head of every queue that may hold some, and delete the
+        queues unused for longer than their x-expires."""
+        for queue in list(self.expiring):
+            if not queue.deleted:
+                self._expire(queue)
+        for queue in list(self.expirable):
+            if not queue.deleted and self._idle_expired(queue):
+                self._delete_queue(queue, effects)
+        return OK
 
     def _drop_over_limit(self, queue: Queue) -> None:
         for message in queue.drop_over_limit():
@@ -717,6 +785,7 @@ class Broker:
         )
         channel.consumers[tag] = consumer
         queue.add_consumer(consumer)
+        queue.last_used_ms = self.now_ms
         self._dispatch(queue, effects)
         return ConsumeOk(tag)
 
@@ -728,6 +797,7 @@ class Broker:
         consumer.active = False
         queue = consumer.queue
         queue.remove_consumer(consumer)
+        queue.last_used_ms = self.now_ms
         if queue.auto_delete and not queue.consumers and not queue.deleted:
             self._delete_queue(queue, effects)
         elif queue.single_active and not queue.deleted:
@@ -738,9 +808,12 @@ class Broker:
         queue = self._owned_queue(vhost, name, ref.conn, Method.BASIC_GET)
         if isinstance(queue, AmqpError):
             return queue
+        queue.last_used_ms = self.now_ms
         message = queue.pop()
         if message is None:
             return EMPTY
+        if queue.expiring:
+            self._expire(queue)  # the new head is looked at too, as RabbitMQ does
         channel = self._channel(ref)
         tag = channel.next_tag
         channel.next_tag = tag + 1
@@ -856,6 +929,8 @@ class Broker:
     def _requeued(self, queue: Queue, effects: list[Effect]) -> None:
         """After messages went back: enforce drop-head limits (RabbitMQ drops before it
         delivers again), then deliver."""
+        if queue.expiring:
+            self._expire(queue)
         if queue.limited:
             self._drop_over_limit(queue)
         self._dispatch(queue, effects)
@@ -871,6 +946,10 @@ class Broker:
         """Deliver ready messages while some consumer of `queue` can take one."""
         groups = queue.groups
         while queue.returned or queue.ready:
+            if queue.expiring:
+                self._expire(queue)
+                if not (queue.returned or queue.ready):
+                    return
             chosen: Consumer | None = None
             if queue.single_active:
                 # x-single-active-consumer: the earliest subscriber gets everything.

@@ -3,8 +3,10 @@
 Rules:
 - Covers topology (vhosts, exchanges, queues, bindings) and messages; not connections,
   channels or consumers, which die with their connections. An unacked message is saved as
-  ready, redelivered, at its original position: restoring gives the state the broker would
-  have once every channel closed (and exactly the saved state when none was open).
+  its channel's basic.recover would leave it: ready, redelivered, at its original position,
+  then the queue's head expiry and drop-head length limit applied as after any requeue.
+  So restoring gives the state the broker would have once every channel recovered and
+  every consumer went (and exactly the saved state when no message was unacked).
 - No pickle: every field value (AMQP field tables can hold bytes, decimals, timestamps,
   nested tables) is written as JSON with explicit type tags, so a document round-trips
   exactly and can be read by any later version that knows VERSION.
@@ -95,11 +97,12 @@ def encode_message(m: Message, redelivered: bool) -> list[Any]:
         m.published_ms,
         redelivered,
         m.delivery_count,
+        m.expires_ms,
     ]
 
 
 def decode_message(data: list[Any]) -> Message:
-    mid, exchange, key, properties, props, body, published, redelivered, count = data
+    mid, exchange, key, properties, props, body, published, redelivered, count, expires = data
     delivery_mode, priority, expiration, headers = props
     return Message(
         mid,
@@ -111,23 +114,48 @@ def decode_message(data: list[Any]) -> Message:
         published,
         redelivered,
         count,
+        expires,
     )
 
 
 # ---- the broker ------------------------------------------------------------------------
 
 
-def _queue_messages(broker: Broker, queue: Queue) -> list[Any]:
+def _queue_messages(broker: Broker, queue: Queue, unacked: list[Message]) -> list[Any]:
     held: list[tuple[int, Message, bool]] = [(m.id, m, m.redelivered) for m in queue.messages()]
-    for channel in broker.channels.values():
-        for owner, message, _ in channel.unacked.values():
-            if owner is queue:
-                held.append((message.id, message, True))
-    held.sort(key=lambda e: e[0])
+    if unacked:
+        held.extend((m.id, m, True) for m in unacked)
+        held.sort(key=lambda e: e[0])
+        _as_after_requeue(broker.now_ms, queue, held)
     return [encode_message(m, redelivered) for _, m, redelivered in held]
 
 
+def _as_after_requeue(now_ms: int, queue: Queue, held: list[tuple[int, Message, bool]]) -> None:
+    """What Broker does after a requeue: drop expired messages at the head, then drop from
+    the head while over a drop-head length limit."""
+    start = 0
+    while start < len(held):
+        expires = held[start][1].expires_ms
+        if expires is None or expires >= now_ms:
+            break
+        start += 1
+    if queue.limited and not queue.reject_publish:
+        size = sum(len(m.body) for _, m, _ in held[start:])
+        while start < len(held) and (
+            (queue.max_length is not None and len(held) - start > queue.max_length)
+            or (queue.max_bytes is not None and size > queue.max_bytes)
+        ):
+            size -= len(held[start][1].body)
+            start += 1
+    del held[:start]
+
+
 def dump(broker: Broker) -> dict[str, Any]:
+    unacked: dict[Queue, list[Message]] = {}
+    for channel in broker.channels.values():
+        for queue, message, _ in channel.unacked.values():
+            if not queue.deleted:
+                unacked.setdefault(queue, []).append(message)
     vhosts = []
     for vh in broker.vhosts.values():
         exchanges = [
@@ -144,7 +172,8 @@ def dump(broker: Broker) -> dict[str, Any]:
                 q.owner,
                 encode_table(q.arguments),
                 q.had_consumers,
-                _queue_messages(broker, q),
+                q.last_used_ms,
+                _queue_messages(broker, q, unacked.get(q, [])),
             ]
             for q in vh.queues.values()
         ]
@@ -160,7 +189,12 @@ def dump(broker: Broker) -> dict[str, Any]:
         ]
         vhosts.append({"name": vh.name, "exchanges": exchanges, "queues": queues,
                        "bindings": bindings})  # fmt: skip
-    return {"version": VERSION, "next_message_id": broker.next_message_id, "vhosts": vhosts}
+    return {
+        "version": VERSION,
+        "next_message_id": broker.next_message_id,
+        "now_ms": broker.now_ms,
+        "vhosts": vhosts,
+    }
 
 
 def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None = None) -> Broker:
@@ -168,6 +202,7 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
         raise SnapshotError(f"unsupported snapshot version {document.get('version')!r}")
     broker = Broker(vhosts=(), types=types)
     broker.next_message_id = int(document["next_message_id"])
+    broker.now_ms = int(document["now_ms"])
     for vdoc in document["vhosts"]:
         vh = broker.add_vhost(vdoc["name"])
         for name, type_name, durable, auto_delete, internal, arguments in vdoc["exchanges"]:
@@ -183,7 +218,7 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
                 arguments=decode_table(arguments) or {},
             )
         for entry in vdoc["queues"]:
-            name, durable, exclusive, auto_delete, owner, arguments, had, messages = entry
+            name, durable, exclusive, auto_delete, owner, arguments, had, used, messages = entry
             queue = Queue(
                 vh.name,
                 name,
@@ -194,13 +229,14 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
                 arguments=decode_table(arguments) or {},
             )
             queue.had_consumers = had
+            queue.last_used_ms = used
             for data in messages:
                 message = decode_message(data)
                 queue.push(message)
                 broker.total_bytes += len(message.body)
-            vh.queues[name] = queue
-            if exclusive and owner is not None:
-                broker.connection(owner).exclusive_queues[(vh.name, name)] = queue
+                if message.expires_ms is not None:
+                    queue.expiring = True
+            broker.register_queue(vh, queue)
         for source, kind, destination, routing_key, arguments in vdoc["bindings"]:
             args = decode_table(arguments) or {}
             src = vh.exchanges[source]

@@ -49,6 +49,8 @@ class Message:
     published_ms: int = 0
     redelivered: bool = False
     delivery_count: int = 0
+    # When it expires in its queue (x-message-ttl / the expiration property), or None.
+    expires_ms: int | None = None
 
     @property
     def size(self) -> int:

@@ -367,12 +367,13 @@ commands = st.one_of(
     st.builds(lambda ch: c.Recover(channel=ch), refs),
     st.builds(lambda ch: c.CloseChannel(channel=ch), refs),
     st.builds(lambda conn: c.CloseConnection(conn=conn), st.sampled_from([1, 2])),
+    st.builds(lambda t: c.Tick(now_ms=t), st.integers(0, 400)),
     st.builds(lambda conn, w: c.SetWritable(conn=conn, writable=w),
               st.sampled_from([1, 2]), st.sampled_from([True, True, False])),
 )  # fmt: skip
 # A topology to start from, so that random commands mostly meet things that exist.
 PRELUDE: list[Any] = [
-    c.DeclareQueue(vhost="/", queue="q1", owner=1, durable=True),
+    c.DeclareQueue(vhost="/", queue="q1", owner=1, durable=True, arguments={"x-message-ttl": 50}),
     c.DeclareQueue(
         vhost="/",
         queue="q2",
@@ -380,7 +381,13 @@ PRELUDE: list[Any] = [
         auto_delete=True,
         arguments={"x-single-active-consumer": True, "x-max-length": 3},
     ),
-    c.DeclareQueue(vhost="/", queue="amq.gen-x", owner=1, exclusive=True, server_named=True),
+    c.DeclareQueue(
+        vhost="/",
+        queue="amq.gen-x",
+        owner=1,
+        exclusive=True,
+        server_named=True,
+    ),
     c.DeclareExchange(vhost="/", exchange="x1", type="topic"),
     c.DeclareExchange(vhost="/", exchange="x2", type="fanout", auto_delete=True),
     c.BindQueue(vhost="/", queue="q1", exchange="x1", routing_key="a.*", owner=1),
