@@ -59,6 +59,7 @@ __all__ = [
     "FrameDecoder",
     "Heartbeat",
     "MethodFrame",
+    "PeekedProperties",
     "ProtocolHeader",
     "PublishMethod",
     "decode_properties",
@@ -468,11 +469,16 @@ def _flags(raw: bytes) -> tuple[int, int]:
     return flags, off
 
 
-def peek_properties(raw: bytes) -> tuple[int, int | None, str | None, dict[str, Any] | None]:
+# (delivery_mode (1 if absent), priority, expiration, headers)
+PeekedProperties = tuple[int, int | None, str | None, dict[str, Any] | None]
+_NO_PROPERTIES: PeekedProperties = (1, None, None, None)
+
+
+def peek_properties(raw: bytes) -> PeekedProperties:
     """(delivery_mode (1 if absent), priority, expiration, headers) from a raw property
     block, validating the whole block. Raises `PropertiesError` when it does not decode."""
     if raw == b"\x00\x00":
-        return 1, None, None, None
+        return _NO_PROPERTIES
     flags, off = _flags(raw)
     end = len(raw)
     delivery_mode = 1

@@ -27,6 +27,8 @@ import enum
 import logging
 import struct
 from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from pamqp import base, commands
@@ -48,6 +50,7 @@ from .codec import (
     encode_method,
     parse_content_header,
     parse_publish,
+    peek_properties,
 )
 from .constants import (
     ACCESS_REFUSED,
@@ -152,20 +155,22 @@ class _In(enum.Enum):
 
 
 _S = ConnectionState
-_TRANSITIONS: dict[tuple[ConnectionState, _In], ConnectionState] = {
-    (_S.AWAIT_HEADER, _In.PROTOCOL_HEADER): _S.STARTING,
-    (_S.STARTING, _In.START_OK): _S.AUTHENTICATING,
-    (_S.AUTHENTICATING, _In.LOGIN_ACCEPTED): _S.TUNING,
-    (_S.AUTHENTICATING, _In.SEND_CLOSE): _S.CLOSING,
-    (_S.TUNING, _In.TUNE_OK): _S.OPENING,
-    (_S.OPENING, _In.OPEN): _S.CHECKING_VHOST,
-    (_S.OPENING, _In.SEND_CLOSE): _S.CLOSING,
-    (_S.CHECKING_VHOST, _In.VHOST_ACCEPTED): _S.OPEN,
-    (_S.CHECKING_VHOST, _In.SEND_CLOSE): _S.CLOSING,
-    (_S.OPEN, _In.SEND_CLOSE): _S.CLOSING,
-    (_S.CLOSING, _In.CLOSE_DONE): _S.CLOSED,
-    **{(state, _In.ABORT): _S.CLOSED for state in ConnectionState if state is not _S.CLOSED},
-}
+_TRANSITIONS: Mapping[tuple[ConnectionState, _In], ConnectionState] = MappingProxyType(
+    {
+        (_S.AWAIT_HEADER, _In.PROTOCOL_HEADER): _S.STARTING,
+        (_S.STARTING, _In.START_OK): _S.AUTHENTICATING,
+        (_S.AUTHENTICATING, _In.LOGIN_ACCEPTED): _S.TUNING,
+        (_S.AUTHENTICATING, _In.SEND_CLOSE): _S.CLOSING,
+        (_S.TUNING, _In.TUNE_OK): _S.OPENING,
+        (_S.OPENING, _In.OPEN): _S.CHECKING_VHOST,
+        (_S.OPENING, _In.SEND_CLOSE): _S.CLOSING,
+        (_S.CHECKING_VHOST, _In.VHOST_ACCEPTED): _S.OPEN,
+        (_S.CHECKING_VHOST, _In.SEND_CLOSE): _S.CLOSING,
+        (_S.OPEN, _In.SEND_CLOSE): _S.CLOSING,
+        (_S.CLOSING, _In.CLOSE_DONE): _S.CLOSED,
+        **{(state, _In.ABORT): _S.CLOSED for state in ConnectionState if state is not _S.CLOSED},
+    }
+)
 
 # States in which no frame is read: the shell has to answer first (or it is over).
 _PAUSED = frozenset({_S.AUTHENTICATING, _S.CHECKING_VHOST, _S.CLOSED})
@@ -734,6 +739,7 @@ class ServerConnection:
             self._events.append(ChannelError(channel, PRECONDITION_FAILED, text, 60, 40))
             self.close_channel(channel, PRECONDITION_FAILED, text, 60, 40)
             return
+        peeked = peek_properties(pending.props)  # PropertiesError: 541, like RabbitMQ
         parts = pending.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         bits = pending.bits
@@ -746,6 +752,7 @@ class ServerConnection:
                 bits & 2 == 2,
                 pending.props,
                 body,
+                peeked,
             )
         )
 

@@ -1,11 +1,14 @@
 """AMQP 0-9-1 constants: reply codes, frame types, limits.
 
-Rules: plain int/float/bytes constants only, each limit with the reason beside it. Imports
-nothing. Values that RabbitMQ fixes (3.10 behaviour, checked against a reference broker) say so.
+Rules: plain int/float/bytes constants (and one read-only mapping), each limit with the
+reason beside it. Imports only the standard library. Values that RabbitMQ fixes (3.10
+behaviour, checked against a reference broker) say so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final
 
 # ---- Reply codes (AMQP 0-9-1 spec, section "constants") -------------------------------
@@ -30,27 +33,29 @@ NOT_IMPLEMENTED: Final = 540
 INTERNAL_ERROR: Final = 541
 
 # The symbolic name RabbitMQ puts in front of every reply text ("NOT_FOUND - no queue ...").
-REPLY_NAMES: Final[dict[int, str]] = {
-    REPLY_SUCCESS: "REPLY_SUCCESS",
-    CONTENT_TOO_LARGE: "CONTENT_TOO_LARGE",
-    NO_ROUTE: "NO_ROUTE",
-    NO_CONSUMERS: "NO_CONSUMERS",
-    CONNECTION_FORCED: "CONNECTION_FORCED",
-    INVALID_PATH: "INVALID_PATH",
-    ACCESS_REFUSED: "ACCESS_REFUSED",
-    NOT_FOUND: "NOT_FOUND",
-    RESOURCE_LOCKED: "RESOURCE_LOCKED",
-    PRECONDITION_FAILED: "PRECONDITION_FAILED",
-    FRAME_ERROR: "FRAME_ERROR",
-    SYNTAX_ERROR: "SYNTAX_ERROR",
-    COMMAND_INVALID: "COMMAND_INVALID",
-    CHANNEL_ERROR: "CHANNEL_ERROR",
-    UNEXPECTED_FRAME: "UNEXPECTED_FRAME",
-    RESOURCE_ERROR: "RESOURCE_ERROR",
-    NOT_ALLOWED: "NOT_ALLOWED",
-    NOT_IMPLEMENTED: "NOT_IMPLEMENTED",
-    INTERNAL_ERROR: "INTERNAL_ERROR",
-}
+REPLY_NAMES: Final[Mapping[int, str]] = MappingProxyType(
+    {
+        REPLY_SUCCESS: "REPLY_SUCCESS",
+        CONTENT_TOO_LARGE: "CONTENT_TOO_LARGE",
+        NO_ROUTE: "NO_ROUTE",
+        NO_CONSUMERS: "NO_CONSUMERS",
+        CONNECTION_FORCED: "CONNECTION_FORCED",
+        INVALID_PATH: "INVALID_PATH",
+        ACCESS_REFUSED: "ACCESS_REFUSED",
+        NOT_FOUND: "NOT_FOUND",
+        RESOURCE_LOCKED: "RESOURCE_LOCKED",
+        PRECONDITION_FAILED: "PRECONDITION_FAILED",
+        FRAME_ERROR: "FRAME_ERROR",
+        SYNTAX_ERROR: "SYNTAX_ERROR",
+        COMMAND_INVALID: "COMMAND_INVALID",
+        CHANNEL_ERROR: "CHANNEL_ERROR",
+        UNEXPECTED_FRAME: "UNEXPECTED_FRAME",
+        RESOURCE_ERROR: "RESOURCE_ERROR",
+        NOT_ALLOWED: "NOT_ALLOWED",
+        NOT_IMPLEMENTED: "NOT_IMPLEMENTED",
+        INTERNAL_ERROR: "INTERNAL_ERROR",
+    }
+)
 
 # Soft errors close only the channel; every other error code closes the connection.
 SOFT_ERRORS: Final = frozenset(

@@ -9,6 +9,9 @@ frame octets (checked against a reference broker with raw sockets). Imports only
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from .constants import (
     ACCESS_REFUSED,
     COMMAND_INVALID,
@@ -74,17 +77,19 @@ def clip_reply_text(text: str) -> str:
     return raw[: REPLY_TEXT_MAX - 3].decode("utf-8", "ignore") + "..."
 
 
-_ESCAPES = {
-    0x22: '\\"',
-    0x5C: "\\\\",
-    0x0A: "\\n",
-    0x0D: "\\r",
-    0x09: "\\t",
-    0x0B: "\\v",
-    0x08: "\\b",
-    0x0C: "\\f",
-    0x1B: "\\e",
-}
+_ESCAPES: Mapping[int, str] = MappingProxyType(
+    {
+        0x22: '\\"',
+        0x5C: "\\\\",
+        0x0A: "\\n",
+        0x0D: "\\r",
+        0x09: "\\t",
+        0x0B: "\\v",
+        0x08: "\\b",
+        0x0C: "\\f",
+        0x1B: "\\e",
+    }
+)
 
 
 def erl_w(data: bytes) -> str:

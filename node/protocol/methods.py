@@ -16,7 +16,8 @@ Imports pamqp and the stdlib only; no I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from pamqp import base, commands
@@ -76,16 +77,18 @@ class AccessRequestOk(base.Frame):
 # ---- Spec tables ----------------------------------------------------------------------------
 
 _BIT, _OCTET, _SHORT, _LONG, _LONGLONG, _SHORTSTR, _LONGSTR, _TABLE = range(8)
-_CODES = {
-    "bit": _BIT,
-    "octet": _OCTET,
-    "short": _SHORT,
-    "long": _LONG,
-    "longlong": _LONGLONG,
-    "shortstr": _SHORTSTR,
-    "longstr": _LONGSTR,
-    "table": _TABLE,
-}
+_CODES: Mapping[str, int] = MappingProxyType(
+    {
+        "bit": _BIT,
+        "octet": _OCTET,
+        "short": _SHORT,
+        "long": _LONG,
+        "longlong": _LONGLONG,
+        "shortstr": _SHORTSTR,
+        "longstr": _LONGSTR,
+        "table": _TABLE,
+    }
+)
 
 MethodClass = type[base.Frame]
 _Spec = tuple[MethodClass, tuple[tuple[str, int], ...]]
@@ -95,12 +98,16 @@ def _compile(cls: MethodClass) -> _Spec:
     return cls, tuple((name, _CODES[cls.amqp_type(name)]) for name in cls.__slots__)
 
 
-METHODS: dict[int, MethodClass] = {
-    **commands.INDEX_MAPPING,
-    AccessRequest.index: AccessRequest,
-    AccessRequestOk.index: AccessRequestOk,
-}
-_SPECS: dict[int, _Spec] = {index: _compile(cls) for index, cls in METHODS.items()}
+METHODS: Mapping[int, MethodClass] = MappingProxyType(
+    {
+        **commands.INDEX_MAPPING,
+        AccessRequest.index: AccessRequest,
+        AccessRequestOk.index: AccessRequestOk,
+    }
+)
+_SPECS: Mapping[int, _Spec] = MappingProxyType(
+    {index: _compile(cls) for index, cls in METHODS.items()}
+)
 
 
 def method_ids(method: base.Frame) -> tuple[int, int]:
@@ -238,15 +245,17 @@ def _longstr(value: Any) -> bytes:
     return _U32.pack(len(raw)) + raw
 
 
-_ENCODERS: dict[int, Callable[[Any], bytes]] = {
-    _OCTET: lambda v: bytes((v or 0,)),
-    _SHORT: lambda v: _U16.pack(v or 0),
-    _LONG: lambda v: _U32.pack(v or 0),
-    _LONGLONG: lambda v: _Q.pack(v or 0) if (v or 0) >= 0 else _I64.pack(v),
-    _SHORTSTR: _shortstr,
-    _LONGSTR: _longstr,
-    _TABLE: encode_table,
-}
+_ENCODERS: Mapping[int, Callable[[Any], bytes]] = MappingProxyType(
+    {
+        _OCTET: lambda v: bytes((v or 0,)),
+        _SHORT: lambda v: _U16.pack(v or 0),
+        _LONG: lambda v: _U32.pack(v or 0),
+        _LONGLONG: lambda v: _Q.pack(v or 0) if (v or 0) >= 0 else _I64.pack(v),
+        _SHORTSTR: _shortstr,
+        _LONGSTR: _longstr,
+        _TABLE: encode_table,
+    }
+)
 
 
 def encode_arguments(method: base.Frame) -> bytes:

@@ -698,11 +698,27 @@ def test_closing_channel_refuses_a_second_open(client: Client) -> None:
 
 def test_publish_assembly(client: Client) -> None:
     props = C.Basic.Properties(delivery_mode=2, headers={"a": 1}, expiration="60000")
-    [event] = client.send(
-        publish(1, b"hello", exchange="amq.direct", routing_key="rk", props=props)
-    )
-    assert event == ChannelContent(1, "amq.direct", "rk", False, False, props.marshal(), b"hello")
-    assert peek_properties(event.properties) == (2, None, "60000", {"a": 1})
+    data = publish(1, b"hello", exchange="amq.direct", routing_key="rk", props=props)
+    [event] = client.send(data)
+    peeked = (2, None, "60000", {"a": 1})
+    raw_props = props.marshal()
+    assert event == ChannelContent(1, "amq.direct", "rk", False, False, raw_props, b"hello", peeked)
+    assert peek_properties(event.properties) == peeked
+
+
+@pytest.mark.parametrize(
+    "props", [b"\x10\x00", b"\x10\x00\x02zz", b"\x20\x00\x00\x00\x00\x03\x01kZ"]
+)
+def test_publish_with_malformed_properties(client: Client, props: bytes) -> None:
+    # RabbitMQ's channel crashes decoding them: connection.close 541
+    data = PUB + content_header(1, 3, props) + raw(3, 1, b"abc")
+    hard_error(client, data, 541, "INTERNAL_ERROR")
+
+
+def test_publish_with_odd_properties_rabbitmq_accepts(client: Client) -> None:
+    # delivery mode 7 is the channel's business (406); UTF-8 in shortstrs is not checked
+    [event] = client.send(PUB + content_header(1, 0, b"\x90\x00\x01\xff\x07"))
+    assert event.peeked == (7, None, None, None)
 
 
 def test_publish_flags_and_empty_body(client: Client) -> None:
