@@ -119,12 +119,11 @@ def _key(class_id: int, method_id: int) -> int:
     return (class_id << 16) | method_id
 
 
-# Methods that carry content (a header and body frames follow them).
+# Methods that carry content (a header and body frames follow them). A client may only send
+# basic.publish; RabbitMQ assembles the content of the others, then drops them.
 CONTENT_METHODS: frozenset[int] = frozenset(
     {_key(60, 40), _key(60, 50), _key(60, 60), _key(60, 71)}
 )
-# Content-bearing methods only a server sends: RabbitMQ assembles their content, then drops it.
-IGNORED_CONTENT_METHODS: frozenset[int] = frozenset({_key(60, 50), _key(60, 60), _key(60, 71)})
 # Methods a client may send on a channel (other than channel.* which the connection handles).
 CLIENT_CHANNEL_METHODS: frozenset[int] = frozenset(
     {
