@@ -1,16 +1,23 @@
 """The broker model: one object holding vhosts, exchanges, queues, bindings and channels.
 
 Rules:
-- Pure and deterministic: no I/O, no clock (time arrives as `now_ms` arguments), no
-  randomness, no iteration over sets where order reaches the output.
+- Pure and deterministic: no I/O, no clock (`now_ms` is set by the caller from the
+  commands, never decreasing), no randomness, no iteration over sets where order reaches
+  the output.
 - Total: a client's mistake returns an `AmqpError` (RabbitMQ's code and text) and leaves the
-  state untouched; every check runs before the first mutation. After a channel error the
+  state untouched; every check runs before the first mutation (the only exception: a
+  lookup may first delete a queue that x-expires already condemned). After a channel error the
   channel layer closes the channel (`close_channel`), after a connection error the
   connection (`close_connection`): the model does not do it by itself.
 - Deliveries and server-initiated cancels are appended to the caller's `effects` list, in
   the order they happen. Delivery happens eagerly: whenever a change could let a consumer
   take a message, the model delivers as much as prefetch and writability allow.
 - Exchange types are looked up in the registry by name; the model never branches on one.
+- Time-based rules (message TTL, x-expires) apply lazily whenever a queue is touched and on
+  `tick`; like RabbitMQ, messages expire from the head of a queue only.
+- Not modelled: dead-lettering (x-dead-letter-exchange is validated and compared, but
+  rejected, expired and dropped messages are discarded), priority queues (x-max-priority
+  is validated and compared, messages stay FIFO), quorum/stream queue semantics.
 Must never import anyio, asyncio, pysyncobj, socket, or read a clock.
 """
 
@@ -627,7 +634,9 @@ class Broker:
             message_ttl, problem = arguments_.parse_expiration(props.expiration)
             if problem is not None:
                 return errors.invalid_expiration(props.expiration, problem)
-        queues = self._route(exchange, routing_key, props.headers)
+        queues = exchange.table.route(routing_key, props.headers)
+        if exchange.e2e_count or len(queues) > 1:
+            queues = self._route(exchange, routing_key, props.headers)
         if not queues and exchange.alternate is not None:
             queues = self._route_alternate(vh, exchange, routing_key, props.headers)
         if not queues:
@@ -944,39 +953,32 @@ class Broker:
 
     def _dispatch(self, queue: Queue, effects: list[Effect]) -> None:
         """Deliver ready messages while some consumer of `queue` can take one."""
-        groups = queue.groups
+        consumers = queue.consumers
         while queue.returned or queue.ready:
             if queue.expiring:
                 self._expire(queue)
                 if not (queue.returned or queue.ready):
                     return
             chosen: Consumer | None = None
-            if queue.single_active:
-                # x-single-active-consumer: the earliest subscriber gets everything.
-                first = next(iter(queue.consumers), None)
+            if queue.single_active or len(consumers) == 1:
+                # x-single-active-consumer (the earliest subscriber gets everything), or
+                # simply one consumer: no ring to turn.
+                first = next(iter(consumers), None)
                 if first is None or not _can_take(first):
                     return
-                groups = [(0, deque([first]))]
-            for _, ring in groups:
-                for _ in range(len(ring)):
-                    candidate = ring[0]
-                    ring.rotate(-1)
-                    channel = candidate.channel
-                    if not channel.conn.writable:
-                        continue
-                    if not candidate.no_ack:
-                        limit = candidate.prefetch
-                        if limit and candidate.unacked >= limit:
-                            continue
-                        limit = channel.global_prefetch
-                        if limit and channel.consumer_unacked >= limit:
-                            continue
-                    chosen = candidate
-                    break
-                if chosen is not None:
-                    break
-            if chosen is None:
-                return
+                chosen = first
+            else:
+                for _, ring in queue.groups:
+                    for _ in range(len(ring)):
+                        candidate = ring[0]
+                        ring.rotate(-1)
+                        if _can_take(candidate):
+                            chosen = candidate
+                            break
+                    if chosen is not None:
+                        break
+                if chosen is None:
+                    return
             message = queue.pop()
             assert message is not None
             channel = chosen.channel
