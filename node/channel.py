@@ -142,7 +142,8 @@ class Channel:
             raise ChannelError(
                 AmqpError(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true", 60, 40)
             )
-        delivery_mode, priority, expiration, headers = peek_properties(content.properties)
+        peeked = content.peeked or peek_properties(content.properties)
+        delivery_mode, priority, expiration, headers = peeked
         if len(content.properties) >= 2 and content.properties[1] & USER_ID_FLAG:
             self._check_user_id(content.properties)
         command = cmd.Publish(

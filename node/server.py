@@ -39,8 +39,12 @@ from node.protocol.connection import (
     ConnectionClosed,
     ConnectionLost,
     LoginRequested,
+    SecretUpdated,
     ServerConnection,
     VhostRequested,
+)
+from node.protocol.connection import (
+    ChannelError as ProtocolChannelError,
 )
 
 READ_SIZE = 256 * 1024
@@ -216,6 +220,7 @@ class ClientConnection:
         self.opened = False
         self.closed = False
         self._reader_scope = anyio.CancelScope()
+        self._linger = 0.0
         self._confirming: set[Channel] = set()
         self._released = False
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -227,6 +232,8 @@ class ClientConnection:
             ChannelClosed: self._on_channel_closed,
             ConnectionClosed: self._on_connection_closed,
             ConnectionLost: self._on_connection_lost,
+            ChannelError: self._on_channel_error,
+            SecretUpdated: self._on_secret_updated,
         }
 
     # ---- Host protocol for channels ----------------------------------------------------
@@ -252,13 +259,29 @@ class ClientConnection:
                     await self._reader()
             finally:
                 self.closed = True
-                # Let the writer put the last frames (close, close-ok) on the wire.
-                with anyio.move_on_after(1.0, shield=True):
-                    self._flush_pending()
-                    while self._out_bytes > 0:
-                        self._drained = anyio.Event()
-                        await self._drained.wait()
+                with anyio.move_on_after(1.0 + self._linger, shield=True):
+                    await self._goodbye()
                 tg.cancel_scope.cancel()
+
+    async def _goodbye(self) -> None:
+        """Put the last frames (close, close-ok) on the wire, then half-close and drain
+        what the client still sends, so that closing does not reset the connection (a
+        reset can discard our connection.close before the client reads it)."""
+        self._flush_pending()
+        while self._out_bytes > 0:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+        if self._linger:
+            await anyio.sleep(self._linger)
+        try:
+            await self.stream.send_eof()
+            with anyio.move_on_after(0.5):
+                while await self.stream.receive(READ_SIZE):
+                    pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        except OSError:
+            pass
 
     def _stop(self) -> None:
         """The protocol says the connection is over: stop reading, flush, close."""
@@ -424,7 +447,20 @@ class ClientConnection:
             reply_code=ev.reply_code,
             reply_text=ev.reply_text,
         )
+        self._linger = ev.linger
         self.closed = True
+
+    def _on_channel_error(self, ev: ProtocolChannelError) -> None:
+        """The protocol layer closed a channel itself (e.g. a message over the size limit)."""
+        self.log.info(
+            "channel.error", channel=ev.channel, reply_code=ev.reply_code, reply_text=ev.reply_text
+        )
+        channel = self.channels.pop(ev.channel, None)
+        if channel is not None:
+            self.node.execute(cmd.CloseChannel(channel=channel.ref))
+
+    def _on_secret_updated(self, ev: SecretUpdated) -> None:
+        self.log.info("connection.secret_updated", reason=ev.reason)
 
     def _on_connection_lost(self, ev: ConnectionLost) -> None:
         self.log.info("connection.lost", peer=self.peer, reason=ev.reason)
