@@ -501,6 +501,7 @@ class Channel:
                 delivery_tag=m.delivery_tag or 0,
                 multiple=False,
                 requeue=m.requeue,
+                reject=True,
             ),
             m,
         )

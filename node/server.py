@@ -48,6 +48,7 @@ from node.protocol.connection import (
 )
 
 READ_SIZE = 256 * 1024
+TICK_INTERVAL_S = 0.25  # how late an expired message or idle queue may be removed
 # Outgoing bytes queued for one socket: above HIGH the model stops delivering to the
 # connection's consumers, below LOW it resumes (RabbitMQ's credit flow, in bytes).
 OUT_HIGH = 4 * 1024 * 1024
@@ -174,6 +175,13 @@ class BrokerNode:
             conn.release()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def run_clock(self) -> None:
+        """Let time pass in the model (message TTL, x-expires) when nothing else happens."""
+        while True:
+            await anyio.sleep(TICK_INTERVAL_S)
+            self.execute(cmd.Tick(now_ms=int(time.time() * 1000)))
+            self.dispatch()
 
     async def shutdown(self) -> None:
         self.log.info("node.stopping", connections=len(self.connections))
@@ -559,6 +567,7 @@ async def serve(
                 await listener.serve(node.handle_client)
 
         tg.start_soon(accept_loop)
+        tg.start_soon(node.run_clock)
         if on_ready is not None:
             result = on_ready()
             if result is not None:

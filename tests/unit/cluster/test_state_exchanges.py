@@ -76,11 +76,11 @@ def test_passive(d) -> None:
     assert d.ok(d.xdeclare("x", "bogus", passive=True, durable=True)) == Ok()
 
 
-def test_unknown_type_is_a_connection_error(d) -> None:
+def test_unknown_type_is_a_channel_error(d) -> None:
     error = d.err(d.xdeclare("x", "bogus"))
-    assert error == AmqpError(503, "COMMAND_INVALID - unknown exchange type 'bogus'", 40, 10, True)
+    assert error == AmqpError(406, "PRECONDITION_FAILED - unknown exchange type 'bogus'", 40, 10)
     d.ok(d.xdeclare("y"))
-    assert d.err(d.xdeclare("y", "bogus")).reply_code == 503  # even when it exists
+    assert d.err(d.xdeclare("y", "bogus")).reply_code == 406  # even when it exists
 
 
 def test_reserved_names(d) -> None:
