@@ -235,6 +235,10 @@ class StateMachine:
     def bindings(self, vhost: str) -> Iterator[views.BindingView]:
         return views.bindings(self._broker, vhost)
 
+    def flow_blocked(self) -> bool:
+        """Publishers should pause: a consumed queue has a large ready backlog."""
+        return self._broker.flow_blocked()
+
     @property
     def total_message_bytes(self) -> int:
         """Bytes of message bodies held, ready and unacked (for the memory watermark)."""

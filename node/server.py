@@ -47,7 +47,11 @@ from node.protocol.connection import (
     ChannelError as ProtocolChannelError,
 )
 
-READ_SIZE = 256 * 1024
+# One reader turn handles at most this many bytes (about 100 small publishes), then lets
+# the other connections run: a publisher's big socket buffer must not starve consumers.
+READ_SIZE = 16 * 1024
+FLOW_WAIT_S = 0.05  # longest pause of a publisher per turn while consumers catch up
+FLOW_POLL_S = 0.001
 TICK_INTERVAL_S = 0.25  # how late an expired message or idle queue may be removed
 # Outgoing bytes queued for one socket: above HIGH the model stops delivering to the
 # connection's consumers, below LOW it resumes (RabbitMQ's credit flow, in bytes).
@@ -318,6 +322,16 @@ class ClientConnection:
             self.proto.receive_data(data, time.monotonic())
             self.process_events()
             self.node.dispatch()
+            if self.publisher and self.node.state.flow_blocked():
+                await self._flow_wait()
+
+    async def _flow_wait(self) -> None:
+        """Credit flow, RabbitMQ style: while a queue this node feeds has a backlog its
+        consumers have not caught up with, a publisher pauses between reads (bounded, so a
+        connection that both publishes and consumes the same queue cannot deadlock)."""
+        with anyio.move_on_after(FLOW_WAIT_S):
+            while self.node.state.flow_blocked():  # noqa: ASYNC110 - polled: no event on the ack path
+                await anyio.sleep(FLOW_POLL_S)
 
     async def _blocked_wait(self) -> None:
         if not self.blocked:

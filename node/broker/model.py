@@ -69,6 +69,8 @@ MAX_ALTERNATE_HOPS = 16
 
 OK = Ok()
 EMPTY = GetEmpty()
+FLOW_HIGH = 2000  # ready messages in a consumed queue before its publishers are slowed
+FLOW_LOW = 1000  # ... and until it has drained to this
 _ROUTED = tuple(Routed(n) for n in range(16))
 NO_ROUTE = Routed(0, returned=True)
 
@@ -138,6 +140,10 @@ class Broker:
         self.now_ms = 0  # the latest command time seen: the model's only clock
         self.expiring: dict[Queue, None] = {}  # queues that may hold messages with a TTL
         self.expirable: dict[Queue, None] = {}  # queues with x-expires
+        # Flow control: consumed queues whose ready backlog passed FLOW_HIGH on a publish.
+        # Derived, never decides anything inside the model: the shell reads it to slow
+        # publishers down to their consumers' pace (a slow consumer slows its publisher).
+        self.backlogged: dict[Queue, None] = {}
         for name in vhosts:
             self.add_vhost(name)
 
@@ -663,6 +669,8 @@ class Broker:
             self.total_bytes += size
             if queue.consumers:
                 self._dispatch(queue, effects)
+                if len(queue.ready) > FLOW_HIGH:
+                    self.backlogged[queue] = None
             if queue.limited:
                 self._drop_over_limit(queue)
             if queue.expiring:
@@ -671,6 +679,17 @@ class Broker:
         if rejected:
             return Routed(len(queues), rejected=True)
         return _routed(len(queues))
+
+    def flow_blocked(self) -> bool:
+        """True while a consumed queue that publishers fill holds more than FLOW_LOW ready
+        messages since it passed FLOW_HIGH (hysteresis). Queues without consumers never
+        count: a backlog nobody consumes is the memory watermark's business."""
+        if not self.backlogged:
+            return False
+        for queue in list(self.backlogged):
+            if queue.deleted or not queue.consumers or len(queue.ready) <= FLOW_LOW:
+                del self.backlogged[queue]
+        return bool(self.backlogged)
 
     def _expiry(self, queue_ttl: int | None, message_ttl: int | None) -> int:
         if queue_ttl is None:

@@ -41,7 +41,11 @@ def main(argv: list[str]) -> int:
     try:
         channel.start_consuming()
     except KeyboardInterrupt:
+        # Like RabbitMQ's tutorials: Ctrl+C ends the process, and the broker sees the
+        # socket close. (Closing politely here could hang if the interrupt landed inside
+        # pika's own I/O.)
         print(" [*] Interrupted", flush=True)
+        return 0
     connection.close()
     return 0
 
