@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import pika
+from ctrl_c import consume_until_interrupted
 
 
 def on_log(_channel: Any, method: Any, _properties: Any, body: bytes) -> None:
@@ -29,15 +30,7 @@ def main(argv: list[str]) -> int:
         channel.queue_bind(exchange="direct_logs", queue=queue, routing_key=severity)
     channel.basic_consume(queue=queue, on_message_callback=on_log, auto_ack=True)
     print(" [*] Waiting for logs. To exit press CTRL+C", flush=True)
-    try:
-        channel.start_consuming()
-    except KeyboardInterrupt:
-        # Like RabbitMQ's tutorials: Ctrl+C ends the process, and the broker sees the
-        # socket close. (Closing politely here could hang if the interrupt landed inside
-        # pika's own I/O.)
-        print(" [*] Interrupted", flush=True)
-        return 0
-    connection.close()
+    consume_until_interrupted(connection, channel)
     return 0
 
 

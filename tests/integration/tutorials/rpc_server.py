@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import pika
+from ctrl_c import consume_until_interrupted
 
 
 def fib(n: int) -> int:
@@ -38,15 +39,7 @@ def main(argv: list[str]) -> int:
     channel.basic_qos(prefetch_count=1)
     channel.basic_consume(queue="rpc_queue", on_message_callback=on_request)
     print(" [x] Awaiting RPC requests", flush=True)
-    try:
-        channel.start_consuming()
-    except KeyboardInterrupt:
-        # Like RabbitMQ's tutorials: Ctrl+C ends the process, and the broker sees the
-        # socket close. (Closing politely here could hang if the interrupt landed inside
-        # pika's own I/O.)
-        print(" [*] Interrupted", flush=True)
-        return 0
-    connection.close()
+    consume_until_interrupted(connection, channel)
     return 0
 
 
