@@ -37,6 +37,10 @@ PRECONDITION_FAILED = 406
 NOT_FOUND = 404
 NO_ROUTE = 312
 USER_ID_FLAG = 0x10  # bit 4 of the property flags' low byte: user-id present
+# Templates that only name a method (class and method ids) for errors on the hot path:
+# built once, never sent, never changed.
+_PUBLISH = spec.Basic.Publish()
+_ACK = spec.Basic.Ack()
 
 
 class ChannelError(Exception):
@@ -221,7 +225,7 @@ class Channel:
         return self._last_queue
 
     def _publish(self, command: cmd.Publish) -> None:
-        reply = self._run(command, spec.Basic.Publish())
+        reply = self._run(command, _PUBLISH)
         if isinstance(reply, Routed) and reply.returned:
             self.host.proto.send_content(
                 self.number,
@@ -471,15 +475,20 @@ class Channel:
         self._run(command, method)
 
     def _basic_ack(self, m: spec.Basic.Ack | AckMethod) -> None:
-        self._settle(
-            cmd.Ack(
-                now_ms=self.host.now_ms(),
-                channel=self.ref,
-                delivery_tag=m.delivery_tag,
-                multiple=m.multiple,
-            ),
-            spec.Basic.Ack(),
+        self.ack(m.delivery_tag, m.multiple)
+
+    def ack(self, delivery_tag: int, multiple: bool) -> None:
+        """basic.ack (the hot path: the shell calls it straight for `AckMethod` events)."""
+        command = cmd.Ack(
+            now_ms=self.host.now_ms(),
+            channel=self.ref,
+            delivery_tag=delivery_tag,
+            multiple=multiple,
         )
+        if self.tx:
+            self._tx_buffer.append(command)
+            return
+        self._run(command, _ACK)
 
     def _basic_nack(self, m: spec.Basic.Nack) -> None:
         self._settle(

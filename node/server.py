@@ -30,7 +30,7 @@ from node.broker.types import AmqpError, CancelConsumer, Deliver, Effect, Reply
 from node.channel import Channel, ChannelError
 from node.config import NodeConfig, default_watermark
 from node.logs import EventLogger
-from node.protocol.codec import HEARTBEAT_FRAME
+from node.protocol.codec import HEARTBEAT_FRAME, AckMethod
 from node.protocol.connection import (
     ChannelClosed,
     ChannelContent,
@@ -436,8 +436,12 @@ class ClientConnection:
         channel = self.channels.get(ev.channel)
         if channel is None:
             return  # closing on our side: the protocol discards, this is belt and braces
+        method = ev.method
         try:
-            channel.handle_method(ev.method)
+            if type(method) is AckMethod:
+                channel.ack(method.delivery_tag, method.multiple)
+            else:
+                channel.handle_method(method)
         except ChannelError as exc:
             self._fail(channel, exc.error)
         else:

@@ -43,11 +43,13 @@ from .codec import (
     MethodFrame,
     ProtocolHeader,
     PublishMethod,
+    ack_method,
     body_at,
     encode_ack,
     encode_content,
     encode_deliver,
     encode_method,
+    parse_ack,
     parse_content_header,
     parse_publish,
     peek_properties,
@@ -181,6 +183,7 @@ _HEARTBEATING = frozenset({_S.OPENING, _S.CHECKING_VHOST, _S.OPEN, _S.CLOSING})
 
 _OPEN = ConnectionState.OPEN
 _BASIC_PUBLISH = 0x003C0028
+_BASIC_ACK = 0x003C0050
 _CHANNEL_OPEN = 0x0014000A
 _CHANNEL_FLOW = 0x00140014
 _CHANNEL_CLOSE = 0x00140028
@@ -621,15 +624,16 @@ class ServerConnection:
                     class_id, weight, body_size, props = parse_content_header(buf, start, end)
                     self._header(channel, pending, class_id, weight, body_size, props)
                     return
-            elif (
-                frame_type == FRAME_METHOD
-                and end - start >= 4
-                and _U32.unpack_from(buf, start)[0] == _BASIC_PUBLISH
-                and channel not in self._pending
-            ):
-                exchange, routing_key, bits = parse_publish(buf, start + 4, end)
-                self._pending[channel] = _Pending(60, 40, exchange, routing_key, bits)
-                return
+            elif frame_type == FRAME_METHOD and end - start >= 4 and channel not in self._pending:
+                method_id = _U32.unpack_from(buf, start)[0]
+                if method_id == _BASIC_PUBLISH:
+                    exchange, routing_key, bits = parse_publish(buf, start + 4, end)
+                    self._pending[channel] = _Pending(60, 40, exchange, routing_key, bits)
+                    return
+                if method_id == _BASIC_ACK and self._channels.get(channel) is True:
+                    tag, multiple = parse_ack(buf, start + 4, end)
+                    self._events.append(channel_method(channel, ack_method(channel, tag, multiple)))
+                    return
         self._handle_running(self._decoder.frame_at(frame_type, channel, start, end))
 
     def _body(self, channel: int, pending: _Pending, payload: bytes) -> None:
