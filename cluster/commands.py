@@ -8,7 +8,9 @@ only the broker's value types. Keyword-only, so fields can be added without reor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from node.broker.types import ChannelRef, ConnId, FieldTable, Properties
 
@@ -263,3 +265,69 @@ AnyCommand = (
     | Nack
     | Recover
 )
+
+
+# ---- fast constructors for the hot path ----------------------------------------------
+# A frozen dataclass's __init__ sets every field through object.__setattr__ (about 2 µs
+# for a Publish). These build the same values through the slots' own setters; a unit test
+# proves them equal to the keyword constructors and that they set every field.
+
+
+def _setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, Any], None], ...]:
+    found: list[Callable[[object, Any], None]] = []
+    for name in names:
+        owner = next(k for k in cls.__mro__ if name in k.__dict__)
+        found.append(owner.__dict__[name].__set__)
+    return tuple(found)
+
+
+PUBLISH_FIELDS = (
+    "now_ms",
+    "channel",
+    "vhost",
+    "exchange",
+    "routing_key",
+    "mandatory",
+    "properties",
+    "props",
+    "body",
+)
+ACK_FIELDS = ("now_ms", "channel", "delivery_tag", "multiple")
+_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = _setters(Publish, PUBLISH_FIELDS)
+_A0, _A1, _A2, _A3 = _setters(Ack, ACK_FIELDS)
+_new = object.__new__
+
+
+def new_publish(
+    now_ms: int,
+    channel: ChannelRef,
+    vhost: str,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    properties: bytes,
+    props: Properties,
+    body: bytes,
+) -> Publish:
+    """`Publish(now_ms=..., channel=..., ...)`, positionally and about 3x faster."""
+    command: Publish = _new(Publish)
+    _P0(command, now_ms)
+    _P1(command, channel)
+    _P2(command, vhost)
+    _P3(command, exchange)
+    _P4(command, routing_key)
+    _P5(command, mandatory)
+    _P6(command, properties)
+    _P7(command, props)
+    _P8(command, body)
+    return command
+
+
+def new_ack(now_ms: int, channel: ChannelRef, delivery_tag: int, multiple: bool) -> Ack:
+    """`Ack(now_ms=..., channel=..., delivery_tag=..., multiple=...)`, faster."""
+    command: Ack = _new(Ack)
+    _A0(command, now_ms)
+    _A1(command, channel)
+    _A2(command, delivery_tag)
+    _A3(command, multiple)
+    return command

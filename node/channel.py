@@ -24,10 +24,10 @@ from node.broker.types import (
     Count,
     GetEmpty,
     GetOk,
-    Properties,
     QueueDeclared,
     Reply,
     Routed,
+    new_properties,
 )
 from node.protocol.codec import AckMethod, decode_properties, peek_properties
 from node.protocol.connection import ChannelContent, ServerConnection
@@ -150,16 +150,16 @@ class Channel:
         delivery_mode, priority, expiration, headers = peeked
         if len(content.properties) >= 2 and content.properties[1] & USER_ID_FLAG:
             self._check_user_id(content.properties)
-        command = cmd.Publish(
-            now_ms=self.host.now_ms(),
-            channel=self.ref,
-            vhost=self.host.vhost,
-            exchange=content.exchange,
-            routing_key=content.routing_key,
-            mandatory=content.mandatory,
-            properties=content.properties,
-            props=Properties(delivery_mode, priority, expiration, headers),
-            body=content.body,
+        command = cmd.new_publish(
+            self.host.now_ms(),
+            self.ref,
+            self.host.vhost,
+            content.exchange,
+            content.routing_key,
+            content.mandatory,
+            content.properties,
+            new_properties(delivery_mode, priority, expiration, headers),
+            content.body,
         )
         self.host.note_publish()
         if self.tx:
@@ -479,12 +479,7 @@ class Channel:
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
         """basic.ack (the hot path: the shell calls it straight for `AckMethod` events)."""
-        command = cmd.Ack(
-            now_ms=self.host.now_ms(),
-            channel=self.ref,
-            delivery_tag=delivery_tag,
-            multiple=multiple,
-        )
+        command = cmd.new_ack(self.host.now_ms(), self.ref, delivery_tag, multiple)
         if self.tx:
             self._tx_buffer.append(command)
             return

@@ -158,3 +158,22 @@ Reply = Ok | QueueDeclared | Count | Routed | ConsumeOk | GetOk | GetEmpty | Amq
 class Outcome:
     reply: Reply
     effects: list[Effect] = field(default_factory=list)
+
+
+_PROPERTY_SETTERS = tuple(
+    Properties.__dict__[name].__set__
+    for name in ("delivery_mode", "priority", "expiration", "headers")
+)
+
+
+def new_properties(
+    delivery_mode: int, priority: int | None, expiration: str | None, headers: FieldTable | None
+) -> Properties:
+    """`Properties(...)` for the publish hot path (a frozen dataclass's __init__ is slow)."""
+    props: Properties = object.__new__(Properties)
+    set_mode, set_priority, set_expiration, set_headers = _PROPERTY_SETTERS
+    set_mode(props, delivery_mode)
+    set_priority(props, priority)
+    set_expiration(props, expiration)
+    set_headers(props, headers)
+    return props
