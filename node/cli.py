@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from node.config import NodeConfig, User, default_watermark, parse_watermark
 from node.logs import EventLogger, configure
 
 EXIT_USAGE = 2
+GC_GEN0_THRESHOLD = 20_000  # Python's default is 700 allocations
 
 
 def _fail(message: str) -> None:
@@ -57,6 +59,15 @@ def _run_node(config: NodeConfig, log: EventLogger) -> None:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
             _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror}")
         raise
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper collections: freeze start-up objects out of the cyclic collector and
+    collect the young generation less often. Messages are acyclic and short-lived, so this
+    trades little memory for fewer millisecond pauses on the delivery path."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,6 +200,7 @@ def node(
         memory_high_watermark_bytes=watermark,
     )
     log = EventLogger(logging.getLogger("warren"), node=node_name)
+    _tune_gc()
     _run_node(config, log)
     sys.exit(0)
 
