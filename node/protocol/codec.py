@@ -55,6 +55,7 @@ __all__ = [
     "AckMethod",
     "ContentBody",
     "ContentHeader",
+    "DeliverWriter",
     "Frame",
     "FrameDecoder",
     "Heartbeat",
@@ -424,6 +425,91 @@ def encode_deliver(
     elif size:
         _body_frames(channel, body, frame_max, parts)
     return b"".join(parts)
+
+
+_HEADER_REST = struct.Struct(">IHHQ")  # content header after type and channel: size .. body size
+_DELIVER_CACHE_MAX = 1024  # distinct (channel, tag, exchange, key) kept per connection
+
+
+class DeliverWriter:
+    """`encode_deliver` appended straight to an output buffer, with the bytes that only
+    depend on (channel, consumer tag, exchange, routing key) made once and cached (a
+    bounded cache: cleared when it holds `_DELIVER_CACHE_MAX` keys). Same bytes as
+    `encode_deliver`; bodies larger than one frame go through it."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, str, str, str], tuple[bytes, bytes, bytes, bytes]] = {}
+
+    def write(
+        self,
+        out: bytearray,
+        channel: int,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        properties: bytes,
+        body: bytes,
+        frame_max: int,
+    ) -> None:
+        size = len(body)
+        if size > frame_max - FRAME_OVERHEAD and frame_max:
+            out += encode_deliver(
+                channel,
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+                properties,
+                body,
+                frame_max,
+            )
+            return
+        key = (channel, consumer_tag, exchange, routing_key)
+        parts = self._cache.get(key)
+        if parts is None:
+            parts = self._parts(channel, consumer_tag, exchange, routing_key)
+        # method frame up to the consumer tag | delivery tag | redelivered .. routing key,
+        # frame end, content header's type and channel | rest of the header | properties
+        out += parts[0]
+        out += _U64.pack(delivery_tag)
+        out += parts[2] if redelivered else parts[1]
+        out += _HEADER_REST.pack(12 + len(properties), 60, 0, size)
+        out += properties
+        if size:
+            # frame end, body frame's type and channel | size | body | frame end
+            out += parts[3]
+            out += _U32.pack(size)
+            out += body
+            out += _END
+        else:
+            out += _END
+
+    def _parts(
+        self, channel: int, consumer_tag: str, exchange: str, routing_key: str
+    ) -> tuple[bytes, bytes, bytes, bytes]:
+        tag = consumer_tag.encode()
+        ex = exchange.encode()
+        rk = routing_key.encode()
+        chan = channel.to_bytes(2, "big")
+        head = (
+            _FRAME_HEAD.pack(FRAME_METHOD, channel, 16 + len(tag) + len(ex) + len(rk))
+            + b"\x00\x3c\x00\x3c"
+            + len(tag).to_bytes(1, "big")
+            + tag
+        )
+        rest = len(ex).to_bytes(1, "big") + ex + len(rk).to_bytes(1, "big") + rk + _END
+        rest += bytes((FRAME_HEADER,)) + chan
+        parts = (head, b"\x00" + rest, b"\x01" + rest, _END + bytes((FRAME_BODY,)) + chan)
+        cache = self._cache
+        if len(cache) >= _DELIVER_CACHE_MAX:
+            cache.clear()
+        cache[(channel, consumer_tag, exchange, routing_key)] = parts
+        return parts
 
 
 def encode_ack(channel: int, delivery_tag: int, multiple: bool) -> bytes:

@@ -37,6 +37,7 @@ from .codec import (
     AckMethod,
     ContentBody,
     ContentHeader,
+    DeliverWriter,
     Frame,
     FrameDecoder,
     Heartbeat,
@@ -47,7 +48,6 @@ from .codec import (
     body_at,
     encode_ack,
     encode_content,
-    encode_deliver,
     encode_method,
     parse_ack,
     parse_content_header,
@@ -128,6 +128,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _U32 = struct.Struct(">I")
+_FRAME_HEAD = struct.Struct(">BHI")
+_HEADER_FRAME_HEAD = struct.Struct(">BHIHHQ")  # frame head + class, weight, body size
+_FRAME_END = 0xCE
 
 
 class ConnectionState(enum.Enum):
@@ -306,6 +309,7 @@ class ServerConnection:
         self.vhost = ""
         self._decoder = FrameDecoder(FRAME_MIN_SIZE, expect_protocol_header=True)
         self._out = bytearray()
+        self._deliver = DeliverWriter()
         self._events: deque[Event] = deque()
         self._channels: dict[int, bool] = {}  # open channel -> True, closing -> False
         self._pending: dict[int, _Pending] = {}
@@ -628,13 +632,70 @@ class ServerConnection:
                 method_id = _U32.unpack_from(buf, start)[0]
                 if method_id == _BASIC_PUBLISH:
                     exchange, routing_key, bits = parse_publish(buf, start + 4, end)
-                    self._pending[channel] = _Pending(60, 40, exchange, routing_key, bits)
+                    if not self._whole_publish(channel, exchange, routing_key, bits):
+                        self._pending[channel] = _Pending(60, 40, exchange, routing_key, bits)
                     return
                 if method_id == _BASIC_ACK and self._channels.get(channel) is True:
                     tag, multiple = parse_ack(buf, start + 4, end)
                     self._events.append(channel_method(channel, ack_method(channel, tag, multiple)))
                     return
         self._handle_running(self._decoder.frame_at(frame_type, channel, start, end))
+
+    def _whole_publish(self, channel: int, exchange: str, routing_key: str, bits: int) -> bool:
+        """The hot path's hot path: when the content header and the one body frame of the
+        basic.publish just parsed are already in the buffer, on the same open channel, and
+        nothing about them is unusual, take all three at once. Returns False (nothing
+        consumed) otherwise; the frame-by-frame path then raises every error it would."""
+        decoder = self._decoder
+        buf = decoder.buffer
+        pos = decoder._pos
+        size_all = len(buf)
+        if size_all - pos < 19 or self._channels.get(channel) is not True:
+            return False
+        frame_type, ch, size, class_id, weight, body_size = _HEADER_FRAME_HEAD.unpack_from(buf, pos)
+        frame_max = self.frame_max
+        head_end = pos + 7 + size
+        if (
+            frame_type != FRAME_HEADER
+            or ch != channel
+            or size < 12
+            or (size > frame_max and frame_max)
+            or head_end >= size_all
+            or buf[head_end] != _FRAME_END
+            or class_id != 60
+            or weight
+            or body_size > self.max_message_size
+        ):
+            return False
+        if body_size:
+            start = head_end + 1
+            if size_all - start < 7:
+                return False
+            frame_type, ch, size = _FRAME_HEAD.unpack_from(buf, start)
+            start += 7
+            end = start + size
+            if (
+                frame_type != FRAME_BODY
+                or ch != channel
+                or size != body_size
+                or (size > frame_max and frame_max)
+                or end >= size_all
+                or buf[end] != _FRAME_END
+            ):
+                return False
+            decoder._pos = end + 1
+            body = body_at(buf, start, end)
+        else:
+            decoder._pos = head_end + 1
+            body = b""
+        props = bytes(buf[pos + 19 : head_end])
+        peeked = peek_properties(props)  # PropertiesError: 541, like RabbitMQ
+        self._events.append(
+            channel_content(
+                channel, exchange, routing_key, bits & 1 == 1, bits & 2 == 2, props, body, peeked
+            )
+        )
+        return True
 
     def _body(self, channel: int, pending: _Pending, payload: bytes) -> None:
         received = pending.received + len(payload)
@@ -910,7 +971,8 @@ class ServerConnection:
         """Queue basic.deliver + content (fast path, split to the negotiated frame_max)."""
         if self.state is not ConnectionState.OPEN or self._channels.get(channel) is not True:
             return False
-        self._out += encode_deliver(
+        self._deliver.write(
+            self._out,
             channel,
             consumer_tag,
             delivery_tag,

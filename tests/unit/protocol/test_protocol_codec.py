@@ -22,6 +22,7 @@ from node.protocol.codec import (
     AckMethod,
     ContentBody,
     ContentHeader,
+    DeliverWriter,
     FrameDecoder,
     Heartbeat,
     MethodFrame,
@@ -259,8 +260,36 @@ def test_deliver_encode_equals_pamqp(
         channel, consumer_tag, tag, redelivered, exchange, routing_key, raw_props, body, frame_max
     )
     assert got == expected
+    # DeliverWriter appends the same bytes, first call and cached call alike
+    writer = DeliverWriter()
+    out = bytearray(b"prefix")
+    for _ in range(2):
+        writer.write(
+            out,
+            channel,
+            consumer_tag,
+            tag,
+            redelivered,
+            exchange,
+            routing_key,
+            raw_props,
+            body,
+            frame_max,
+        )
+    assert out == b"prefix" + expected + expected
     # and encode_content (the generic path) makes the same bytes
     assert encode_content(channel, method, raw_props, body, frame_max) == expected
+
+
+def test_deliver_writer_cache_is_bounded_and_keyed_by_every_name() -> None:
+    writer = DeliverWriter()
+    for i in range(3000):
+        out = bytearray()
+        writer.write(out, 1 + i % 3, f"c{i % 7}", i, i % 2 == 1, "x", f"k{i}", b"\x00\x00", b"b", 0)
+        assert out == encode_deliver(
+            1 + i % 3, f"c{i % 7}", i, i % 2 == 1, "x", f"k{i}", b"\x00\x00", b"b", 0
+        )
+        assert len(writer._cache) <= 1024
 
 
 def test_empty_body_has_no_body_frame() -> None:

@@ -1086,3 +1086,52 @@ def test_protocol_package_imports_no_io() -> None:
             else:
                 continue
             assert not names & forbidden, f"{path.name} imports {names & forbidden}"
+
+
+def _publish_variants() -> list[bytes]:
+    """Publishes, well formed and not, for the whole-publish fast path."""
+    pub1 = pframe.marshal(C.Basic.Publish(exchange="x", routing_key="k", mandatory=True), 1)
+    body = b"b" * 40
+    return [
+        publish(1, body),
+        publish(1, b""),
+        publish(1, body, props=C.Basic.Properties(headers={"a": 1}, priority=3)),
+        publish(3, body),  # channel 3 is not open
+        publish(2, body),  # channel 2 is closed by the server, waiting for close-ok
+        pub1 + content_header(1, 40) + raw(3, 1, body[:10]) + raw(3, 1, body[10:]),
+        pub1 + content_header(1, 40) + raw(3, 1, body + b"!"),  # body longer than announced
+        pub1 + content_header(1, 40, cls=50) + raw(3, 1, body),
+        pub1 + content_header(1, 40, weight=1) + raw(3, 1, body),
+        pub1 + content_header(2, 40) + raw(3, 1, body),  # header on another channel
+        pub1 + content_header(1, 40) + raw(3, 2, body),  # body on another channel
+        pub1 + content_header(1, 40, props=b"\x80\x00") + raw(3, 1, body),  # bad properties
+        pub1 + content_header(1, 40) + raw(3, 1, body, end=b"\x00"),
+        pub1 + content_header(1, 40)[:-1] + b"\x00" + raw(3, 1, body),
+        pub1 + raw(2, 1, b"\x00\x3c\x00\x00") + raw(3, 1, body),  # header too short
+        pub1 + content_header(1, 5000) + raw(3, 1, b"z" * 5000),  # over max_message_size
+        pub1 + content_header(1, 4096) + raw(3, 1, b"z" * 4096),  # over frame_max
+        pub1 + raw(8, 1, b"") + raw(3, 1, body),
+        pframe.marshal(C.Basic.Ack(1), 1),
+        HEARTBEAT_FRAME,
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(picks=st.lists(st.integers(0, len(_publish_variants()) - 1), min_size=1, max_size=6))
+def test_whole_publishes_equal_frame_by_frame(picks: list[int]) -> None:
+    """Publishes whose three frames arrive in one read take a fast path; it must give the
+    same events and bytes as frames that arrive one byte at a time (the general path)."""
+    variants = _publish_variants()
+    stream = b"".join(variants[i] for i in picks)
+
+    def run(step: int) -> tuple[list[Any], bytes]:
+        c = Client(max_message_size=4000)
+        c.handshake(frame_max=4096, channels=(1, 2))
+        c.conn.close_channel(2, 406, "PRECONDITION_FAILED - test")
+        c.conn.data_to_send()
+        events: list[Any] = []
+        for start in range(0, len(stream), step):
+            events += c.send(stream[start : start + step])
+        return [_describe(e) for e in events], c.conn.data_to_send()
+
+    assert run(len(stream)) == run(1)
