@@ -57,7 +57,7 @@ class Host(Protocol):
     user: str
     proto: ServerConnection
 
-    def execute(self, command: cmd.AnyCommand) -> Reply: ...
+    execute: Callable[[cmd.AnyCommand], Reply]
 
     def now_ms(self) -> int: ...
 
@@ -203,7 +203,10 @@ class Channel:
     # ---- helpers -----------------------------------------------------------------------
 
     def _run(self, command: cmd.AnyCommand, method: Any) -> Reply:
-        reply = self.host.execute(command)
+        return self._checked(self.host.execute(command), method)
+
+    def _checked(self, reply: Reply, method: Any) -> Reply:
+        """`reply`, unless it is an error: then `ChannelError` naming `method`'s ids."""
         if isinstance(reply, AmqpError):
             if reply.class_id == 0 and method is not None:
                 class_id, method_id = _ids(method)
@@ -225,7 +228,9 @@ class Channel:
         return self._last_queue
 
     def _publish(self, command: cmd.Publish) -> None:
-        reply = self._run(command, _PUBLISH)
+        reply = self.host.execute(command)
+        if type(reply) is not Routed:
+            reply = self._checked(reply, _PUBLISH)
         if isinstance(reply, Routed) and reply.returned:
             self.host.proto.send_content(
                 self.number,
@@ -483,7 +488,9 @@ class Channel:
         if self.tx:
             self._tx_buffer.append(command)
             return
-        self._run(command, _ACK)
+        reply = self.host.execute(command)
+        if isinstance(reply, AmqpError):
+            self._checked(reply, _ACK)
 
     def _basic_nack(self, m: spec.Basic.Nack) -> None:
         self._settle(

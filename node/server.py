@@ -222,6 +222,9 @@ class ClientConnection:
             now=time.monotonic(),
         )
         self.channels: dict[int, Channel] = {}
+        # Host protocol: channels run commands straight on the node (one call layer less).
+        self.execute: Callable[[cmd.AnyCommand], Reply] = node.execute
+        self._now_ms = int(time.time() * 1000)
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
         self._out_ready = anyio.Event()
@@ -250,11 +253,9 @@ class ClientConnection:
 
     # ---- Host protocol for channels ----------------------------------------------------
 
-    def execute(self, command: cmd.AnyCommand) -> Reply:
-        return self.node.execute(command)
-
     def now_ms(self) -> int:
-        return int(time.time() * 1000)
+        """The wall clock as of this batch of input (read once per `process_events`)."""
+        return self._now_ms
 
     def note_publish(self) -> None:
         self.publisher = True
@@ -390,13 +391,39 @@ class ClientConnection:
     # ---- events from the protocol ------------------------------------------------------
 
     def process_events(self) -> None:
+        self._now_ms = int(time.time() * 1000)
         proto = self.proto
         handlers = self._handlers
+        channels = self.channels
+        next_event = proto.next_event
         while True:
-            event = proto.next_event()
+            event = next_event()
             if event is None:
                 break
-            handlers[type(event)](event)
+            if type(event) is ChannelContent:  # the hot path, inlined: _on_channel_content
+                channel = channels.get(event.channel)
+                if channel is None:
+                    continue
+                try:
+                    channel.handle_publish(event)
+                except ChannelError as exc:
+                    self._fail(channel, exc.error)
+                else:
+                    if channel.confirm:
+                        self._confirming.add(channel)
+            elif type(event) is ChannelMethod and type(ack := event.method) is AckMethod:
+                channel = channels.get(event.channel)  # the other hot path: basic.ack
+                if channel is None:
+                    continue
+                try:
+                    channel.ack(ack.delivery_tag, ack.multiple)
+                except ChannelError as exc:
+                    self._fail(channel, exc.error)
+                else:
+                    if channel.confirm:
+                        self._confirming.add(channel)
+            else:
+                handlers[type(event)](event)
         for channel in self._confirming:
             channel.flush_confirms()
         self._confirming.clear()
