@@ -60,7 +60,13 @@ class SetWritable(Command):
 class Tick(Command):
     """Time passes: expire messages past their TTL at the head of their queues and delete
     queues idle past their x-expires. The shell applies one every few hundred ms; every
-    other command also advances the model's clock to its `now_ms`."""
+    other command also advances the model's clock to its `now_ms`.
+
+    Contract: a Tick does a bounded amount of expiry work (EXPIRE_BUDGET messages in
+    `node.broker.model`; a dead-lettered one counts DEAD_LETTER_COST) and replies
+    `Ticked(more=...)`. `more=True` means expired messages are still waiting: the shell
+    should apply another Tick as soon as it has served pending I/O (yield to the event
+    loop once, then tick again, not after the usual interval) until `more=False`."""
 
 
 # ---- exchanges -----------------------------------------------------------------------

@@ -5,7 +5,13 @@ Rules:
   state, replies and effects on every replica; a client's mistake comes back as an
   `AmqpError` reply (RabbitMQ's code and text), never as an exception. Time comes only from
   the commands' `now_ms` (the model keeps the largest seen, so its clock never goes back);
-  `Tick` commands let time pass when nothing else happens (TTL, x-expires).
+  `Tick` commands let time pass when nothing else happens (TTL, x-expires). Every command
+  renews the model's expiry budget: no command does more than a bounded amount of expiry
+  work, and a Tick answers `Ticked(more=True)` when expired messages are still waiting
+  (apply another Tick at once).
+- Dead-lettering and x-delivery-count re-encode property blocks through the injected
+  `HeaderRewriter` (`node.protocol.properties.with_headers` in the node; this module must
+  not import the protocol package).
   No I/O, no clock, no randomness.
 - One handler per command type, looked up in a table keyed by the command's class.
 - After an `AmqpError` reply the state is unchanged. The channel layer then applies
@@ -27,9 +33,10 @@ from typing import Any
 from cluster import commands as c
 from node.broker import snapshot as snapshots
 from node.broker import views
+from node.broker.deadletter import HeaderRewriter
 from node.broker.errors import NOT_IMPLEMENTED
 from node.broker.exchange_type import ExchangeType
-from node.broker.model import DEFAULT_VHOST, Broker
+from node.broker.model import DEFAULT_VHOST, EXPIRE_BUDGET, Broker
 from node.broker.types import AmqpError, ChannelRef, Effect, Outcome
 
 SNAPSHOT_FORMAT = "warren-state"
@@ -46,8 +53,9 @@ class StateMachine:
         self,
         vhosts: Sequence[str] = (DEFAULT_VHOST,),
         exchange_types: Mapping[str, ExchangeType] | None = None,
+        rewrite_headers: HeaderRewriter | None = None,
     ) -> None:
-        self._attach(Broker(vhosts, exchange_types))
+        self._attach(Broker(vhosts, exchange_types, rewrite_headers))
 
     def _attach(self, broker: Broker) -> None:
         self._broker = b = broker
@@ -73,12 +81,8 @@ class StateMachine:
             ),
             c.DeclareQueue: self._declare_queue,
             c.DeleteQueue: self._delete_queue,
-            c.PurgeQueue: lambda cmd: Outcome(b.purge_queue(cmd.vhost, cmd.queue, cmd.owner)),
-            c.BindQueue: lambda cmd: Outcome(
-                b.bind_queue(
-                    cmd.vhost, cmd.queue, cmd.exchange, cmd.routing_key, cmd.owner, cmd.arguments
-                )
-            ),
+            c.PurgeQueue: self._purge_queue,
+            c.BindQueue: self._bind_queue,
             c.UnbindQueue: lambda cmd: Outcome(
                 b.unbind_queue(
                     cmd.vhost, cmd.queue, cmd.exchange, cmd.routing_key, cmd.owner, cmd.arguments
@@ -88,7 +92,7 @@ class StateMachine:
             c.Qos: self._qos,
             c.Consume: self._consume,
             c.Cancel: self._cancel,
-            c.Get: lambda cmd: Outcome(b.get(cmd.channel, cmd.vhost, cmd.queue, cmd.no_ack)),
+            c.Get: self._get,
             c.Ack: self._ack,
             c.Nack: self._nack,
             c.Recover: self._recover,
@@ -102,8 +106,10 @@ class StateMachine:
             name = type(cmd).__name__
             error = AmqpError(NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - {name}", connection=True)
             return Outcome(error)
-        if cmd.now_ms > self._broker.now_ms:
-            self._broker.now_ms = cmd.now_ms  # the model's clock never goes back
+        broker = self._broker
+        if cmd.now_ms > broker.now_ms:
+            broker.now_ms = cmd.now_ms  # the model's clock never goes back
+        broker.expire_budget = EXPIRE_BUDGET  # (Broker.begin, inlined: the hot path)
         return handler(cmd)
 
     # ---- handlers that produce effects -------------------------------------------------
@@ -119,6 +125,22 @@ class StateMachine:
     def _set_writable(self, cmd: c.SetWritable) -> Outcome:
         effects: list[Effect] = []
         return Outcome(self._broker.set_writable(cmd.conn, cmd.writable, effects), effects)
+
+    def _purge_queue(self, cmd: c.PurgeQueue) -> Outcome:
+        effects: list[Effect] = []
+        return Outcome(self._broker.purge_queue(cmd.vhost, cmd.queue, cmd.owner, effects), effects)
+
+    def _bind_queue(self, cmd: c.BindQueue) -> Outcome:
+        effects: list[Effect] = []
+        reply = self._broker.bind_queue(
+            cmd.vhost, cmd.queue, cmd.exchange, cmd.routing_key, cmd.owner, cmd.arguments, effects
+        )
+        return Outcome(reply, effects)
+
+    def _get(self, cmd: c.Get) -> Outcome:
+        effects: list[Effect] = []
+        reply = self._broker.get(cmd.channel, cmd.vhost, cmd.queue, cmd.no_ack, effects)
+        return Outcome(reply, effects)
 
     def _tick(self, cmd: c.Tick) -> Outcome:
         effects: list[Effect] = []
@@ -138,6 +160,7 @@ class StateMachine:
         return Outcome(reply)
 
     def _declare_queue(self, cmd: c.DeclareQueue) -> Outcome:
+        effects: list[Effect] = []
         reply = self._broker.declare_queue(
             cmd.vhost,
             cmd.queue,
@@ -148,8 +171,9 @@ class StateMachine:
             auto_delete=cmd.auto_delete,
             arguments=cmd.arguments,
             server_named=cmd.server_named,
+            effects=effects,
         )
-        return Outcome(reply)
+        return Outcome(reply, effects)
 
     def _delete_queue(self, cmd: c.DeleteQueue) -> Outcome:
         effects: list[Effect] = []
@@ -256,7 +280,10 @@ class StateMachine:
 
     @classmethod
     def restore(
-        cls, data: bytes, exchange_types: Mapping[str, ExchangeType] | None = None
+        cls,
+        data: bytes,
+        exchange_types: Mapping[str, ExchangeType] | None = None,
+        rewrite_headers: HeaderRewriter | None = None,
     ) -> StateMachine:
         """A new machine holding exactly what `data` holds; raises SnapshotError if `data`
         is not a snapshot this version reads."""
@@ -267,5 +294,7 @@ class StateMachine:
         if not isinstance(document, dict) or document.get("format") != SNAPSHOT_FORMAT:
             raise snapshots.SnapshotError("not a warren state snapshot")
         machine = cls.__new__(cls)
-        machine._attach(snapshots.load(document, exchange_types))
+        broker = snapshots.load(document, exchange_types)
+        broker.rewrite_headers = rewrite_headers
+        machine._attach(broker)
         return machine

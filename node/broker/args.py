@@ -9,6 +9,13 @@ Rules (RabbitMQ 3.10, checked against the reference broker):
 - A new queue's arguments are validated; invalid ones are refused with RabbitMQ's texts.
   An existing queue's are not (RabbitMQ only checks equivalence then).
 - Booleans are not numbers and strings are not bytes when values are compared.
+- Queue types: classic and quorum are served (both with classic-queue semantics); a quorum
+  queue refuses the classic-only arguments and, after the arguments, auto-delete,
+  exclusive and non-durable (in that order) with RabbitMQ's "invalid property" texts;
+  stream is refused with a 406 naming it. Unknown x- arguments are stored, never compared.
+- Deliberate difference: x-delivery-limit is accepted on classic queues too (RabbitMQ only
+  knows it for quorum queues); like RabbitMQ's quorum queues we do not validate it (a value
+  that is not a non-negative integer means no limit).
 Pure functions only; imports nothing from anyio, pysyncobj or sockets.
 """
 
@@ -46,17 +53,30 @@ _NOT_FOR_CLASSIC = frozenset(
         "x-max-in-memory-length",
         "x-max-in-memory-bytes",
         "x-quorum-initial-group-size",
-        "x-delivery-limit",
+        "x-dead-letter-strategy",
         "x-initial-cluster-size",
         "x-max-age",
         "x-queue-leader-locator",
         "x-stream-max-segment-size-bytes",
     }
 )
+# Arguments RabbitMQ 3.10 refuses for quorum queues (checked on the reference broker).
+_NOT_FOR_QUORUM = frozenset(
+    {
+        "x-max-priority",
+        "x-queue-mode",
+        "x-queue-master-locator",
+        "x-queue-version",
+        "x-initial-cluster-size",
+        "x-max-age",
+        "x-stream-max-segment-size-bytes",
+    }
+)
 OVERFLOW_MODES = frozenset({"drop-head", "reject-publish", "reject-publish-dlx"})
 QUEUE_MODES = frozenset({"default", "lazy"})
-# Queue types we serve (all with classic-queue semantics).
+# Queue types we serve (all with classic-queue semantics), and those we know but refuse.
 QUEUE_TYPES = frozenset({"classic", "quorum"})
+REFUSED_QUEUE_TYPES = frozenset({"stream"})
 MAX_PRIORITY = 255
 
 _INT32 = 2**31
@@ -187,7 +207,11 @@ def _queue_mode(value: Any, _: FieldTable) -> str | None:
 def _queue_type(value: Any, _: FieldTable) -> str | None:
     if not isinstance(value, str):
         return f"{{unacceptable_type,{type_name(value)}}}"
-    return None if value in QUEUE_TYPES else f"\"unsupported queue type '{value}'\""
+    if value in QUEUE_TYPES:
+        return None
+    if value in REFUSED_QUEUE_TYPES:
+        return f"\"queue type '{value}' is not supported by Warren\""
+    return f"\"unsupported queue type '{value}'\""
 
 
 def _boolean(value: Any, _: FieldTable) -> str | None:
@@ -221,11 +245,15 @@ def invalid_queue_args(arguments: FieldTable, queue: str, vhost: str) -> str | N
                 f"PRECONDITION_FAILED - invalid type '{type_name(arguments[key])}' for arg "
                 f"'{key}' in queue '{queue}' in vhost '{vhost}'"
             )
+    quorum = arguments.get("x-queue-type") == "quorum"
+    refused, type_module = (
+        (_NOT_FOR_QUORUM, "rabbit_quorum_queue") if quorum else (_NOT_FOR_CLASSIC, None)
+    )
     for key, value in arguments.items():
-        if key in _NOT_FOR_CLASSIC:
+        if key in refused:
             return (
                 f"PRECONDITION_FAILED - invalid arg '{key}' for queue '{queue}' in vhost "
-                f"'{vhost}' of queue type rabbit_classic_queue"
+                f"'{vhost}' of queue type {type_module or 'rabbit_classic_queue'}"
             )
         check = _QUEUE_CHECKS.get(key)
         detail = check(value, arguments) if check is not None else None
@@ -235,6 +263,36 @@ def invalid_queue_args(arguments: FieldTable, queue: str, vhost: str) -> str | N
                 f"'{vhost}': {detail}"
             )
     return None
+
+
+def invalid_queue_properties(
+    arguments: FieldTable,
+    queue: str,
+    vhost: str,
+    *,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+) -> str | None:
+    """RabbitMQ's PRECONDITION_FAILED text for a quorum queue declared auto-delete,
+    exclusive or non-durable (checked in that order, after the arguments), else None."""
+    if arguments.get("x-queue-type") != "quorum":
+        return None
+    if auto_delete:
+        bad = "auto-delete"
+    elif exclusive:
+        bad = "exclusive-owner"
+    elif not durable:
+        bad = "non-durable"
+    else:
+        return None
+    return f"PRECONDITION_FAILED - invalid property '{bad}' for queue '{queue}' in vhost '{vhost}'"
+
+
+def delivery_limit(arguments: FieldTable) -> int | None:
+    """x-delivery-limit when it is a non-negative integer, else None (no limit)."""
+    value = int_arg(arguments, "x-delivery-limit")
+    return value if value is not None and value >= 0 else None
 
 
 def consumer_priority(arguments: FieldTable) -> tuple[int, str | None]:

@@ -10,19 +10,121 @@ Queue order: every message id a queue holds is unique and ids grow with publicat
 message handed out always has a smaller id than every message still in `ready`, so
 returned (requeued) messages wait in a small heap that is always served before `ready`:
 together they give "back at its original position" in O(log n).
+
+Priority queues (x-max-priority): `ready` is then a `PriorityReady`, which quacks like the
+deque the model uses (append, popleft, [0], len, iteration in delivery order) and holds one
+(returned heap, deque) pair per priority: higher priority first, FIFO inside a priority, a
+requeued message back at its original position inside its priority. A message's priority is
+its `priority` property (none: 0), capped at the queue's maximum (the property itself is
+delivered as sent). Queues without x-max-priority keep the plain deque: no cost for them.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import Any
 
-from node.broker.args import int_arg
+from node.broker.args import delivery_limit, int_arg
 from node.broker.exchange_type import BindingSpec, ExchangeType, RoutingTable
 from node.broker.types import ChannelRef, ConnId, FieldTable, Message
 
 REJECT_OVERFLOW = frozenset({"reject-publish", "reject-publish-dlx"})
+
+
+class PriorityReady:
+    """The ready messages of a priority queue (see the module rules)."""
+
+    __slots__ = ("_buckets", "_count", "_max")
+
+    def __init__(self, max_priority: int) -> None:
+        self._max = max_priority
+        # Index = priority; each: (heap of returned (id, message), deque of fresh ones).
+        self._buckets: list[tuple[list[tuple[int, Message]], deque[Message]]] = [
+            ([], deque()) for _ in range(max_priority + 1)
+        ]
+        self._count = 0
+
+    def _bucket(self, message: Message) -> tuple[list[tuple[int, Message]], deque[Message]]:
+        priority = message.props.priority or 0
+        return self._buckets[priority if priority < self._max else self._max]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def append(self, message: Message) -> None:
+        self._bucket(message)[1].append(message)
+        self._count += 1
+
+    def give_back(self, message: Message) -> None:
+        heapq.heappush(self._bucket(message)[0], (message.id, message))
+        self._count += 1
+
+    def popleft(self) -> Message:
+        for returned, fresh in reversed(self._buckets):
+            if returned:
+                self._count -= 1
+                return heapq.heappop(returned)[1]
+            if fresh:
+                self._count -= 1
+                return fresh.popleft()
+        raise IndexError("pop from an empty priority queue")
+
+    def __getitem__(self, index: int) -> Message:
+        if index != 0:
+            raise IndexError("only the head of a priority queue can be read")
+        for returned, fresh in reversed(self._buckets):
+            if returned:
+                return returned[0][1]
+            if fresh:
+                return fresh[0]
+        raise IndexError("empty priority queue")
+
+    def __iter__(self) -> Iterator[Message]:
+        for returned, fresh in reversed(self._buckets):
+            yield from (m for _, m in sorted(returned, key=lambda e: e[0]))
+            yield from fresh
+
+    def clear(self) -> None:
+        for returned, fresh in self._buckets:
+            returned.clear()
+            fresh.clear()
+        self._count = 0
+
+    def any_expired(self, now_ms: int) -> bool:
+        """Whether the head of some priority has expired."""
+        for returned, fresh in self._buckets:
+            head = returned[0][1] if returned else fresh[0] if fresh else None
+            if head is not None and head.expires_ms is not None and head.expires_ms < now_ms:
+                return True
+        return False
+
+    def pop_expired(self, now_ms: int, inclusive: bool, limit: int) -> list[Message]:
+        """The expired messages at the head of each priority (RabbitMQ's priority queue
+        expires each priority's sub-queue from its head), at most `limit` of them."""
+        gone: list[Message] = []
+        for returned, fresh in reversed(self._buckets):
+            while len(gone) < limit:
+                if returned:
+                    head = returned[0][1]
+                elif fresh:
+                    head = fresh[0]
+                else:
+                    break
+                expires = head.expires_ms
+                if expires is None or expires > now_ms or (expires == now_ms and not inclusive):
+                    break
+                if returned:
+                    heapq.heappop(returned)
+                else:
+                    fresh.popleft()
+                self._count -= 1
+                gone.append(head)
+        return gone
 
 
 class Exchange:
@@ -169,7 +271,10 @@ class Queue:
         "auto_delete",
         "bindings_in",
         "consumers",
+        "counts_deliveries",
+        "dead_letters",
         "deleted",
+        "delivery_limit",
         "durable",
         "exclusive",
         "exclusive_consumer",
@@ -182,7 +287,9 @@ class Queue:
         "max_bytes",
         "max_length",
         "name",
+        "overflow_dlx",
         "owner",
+        "priorities",
         "ready",
         "ready_bytes",
         "reject_publish",
@@ -212,7 +319,11 @@ class Queue:
         self.auto_delete = auto_delete
         self.owner = owner
         self.arguments = dict(arguments)
-        self.ready: deque[Message] = deque()
+        max_priority = int_arg(arguments, "x-max-priority")
+        self.priorities = max_priority is not None  # a priority queue: `ready` is bucketed
+        self.ready: deque[Message] | PriorityReady = (
+            deque() if max_priority is None else PriorityReady(max_priority)
+        )
         self.returned: list[tuple[int, Message]] = []  # heap on message id
         self.ready_bytes = 0
         self.unacked_count = 0
@@ -229,6 +340,15 @@ class Queue:
         self.max_bytes = int_arg(arguments, "x-max-length-bytes")
         self.limited = self.max_length is not None or self.max_bytes is not None
         self.reject_publish = arguments.get("x-overflow") in REJECT_OVERFLOW
+        self.overflow_dlx = arguments.get("x-overflow") == "reject-publish-dlx"
+        # x-dead-letter-exchange: dead messages go there (else they are discarded).
+        self.dead_letters = isinstance(arguments.get("x-dead-letter-exchange"), str)
+        # x-delivery-limit: returned messages past it die (reason delivery_limit).
+        self.delivery_limit = delivery_limit(arguments)
+        # Returned messages carry x-delivery-count (as RabbitMQ's quorum queues do).
+        self.counts_deliveries = (
+            self.delivery_limit is not None or arguments.get("x-queue-type") == "quorum"
+        )
         self.single_active = arguments.get("x-single-active-consumer") is True
         self.ttl = int_arg(arguments, "x-message-ttl")  # ms, for every message
         self.expiring = self.ttl is not None  # may hold messages that expire
@@ -261,8 +381,12 @@ class Queue:
         message.redelivered = True
         self.unacked_count -= 1
         self.unacked_bytes -= len(message.body)
-        heapq.heappush(self.returned, (message.id, message))
         self.ready_bytes += len(message.body)
+        if self.priorities:
+            assert isinstance(self.ready, PriorityReady)
+            self.ready.give_back(message)
+        else:
+            heapq.heappush(self.returned, (message.id, message))
 
     def take(self, message: Message) -> None:
         """A popped message is now awaiting an ack."""
@@ -286,12 +410,20 @@ class Queue:
             return self.returned[0][1]
         return self.ready[0] if self.ready else None
 
-    def pop_expired(self, now_ms: int, *, inclusive: bool = False) -> list[Message]:
+    def pop_expired(
+        self, now_ms: int, *, inclusive: bool = False, limit: int = 1 << 62
+    ) -> list[Message]:
         """Remove the messages at the head whose TTL has run out (RabbitMQ expires from the
-        head only: an expired message behind a live one waits its turn). `inclusive` also
-        takes those expiring right now (a TTL of 0 not delivered at once)."""
-        gone: list[Message] = []
-        while True:
+        head only: an expired message behind a live one waits its turn), at most `limit`.
+        `inclusive` also takes those expiring right now (a TTL of 0 not delivered at once)."""
+        if self.priorities:
+            assert isinstance(self.ready, PriorityReady)
+            gone = self.ready.pop_expired(now_ms, inclusive, limit)
+            for message in gone:
+                self.ready_bytes -= len(message.body)
+            return gone
+        gone = []
+        while len(gone) < limit:
             head = self.head()
             if head is None or head.expires_ms is None:
                 return gone
@@ -299,6 +431,15 @@ class Queue:
                 return gone
             self.pop()
             gone.append(head)
+        return gone
+
+    def head_expired(self, now_ms: int) -> bool:
+        """Whether the head has expired (expiry work is still due for this queue)."""
+        if self.priorities:
+            assert isinstance(self.ready, PriorityReady)
+            return self.ready.any_expired(now_ms)
+        head = self.head()
+        return head is not None and head.expires_ms is not None and head.expires_ms < now_ms
 
     def refuses(self, size: int) -> bool:
         """x-overflow reject-publish: would one more message of `size` bytes exceed a limit?"""

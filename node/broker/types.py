@@ -151,7 +151,16 @@ class GetEmpty:
     pass
 
 
-Reply = Ok | QueueDeclared | Count | Routed | ConsumeOk | GetOk | GetEmpty | AmqpError
+@dataclass(frozen=True, slots=True)
+class Ticked:
+    """The reply to a Tick. `more`: expired messages are still waiting (the tick used up
+    its expiry budget); the shell should apply another Tick right after serving pending
+    I/O instead of waiting for its usual interval."""
+
+    more: bool = False
+
+
+Reply = Ok | QueueDeclared | Count | Routed | ConsumeOk | GetOk | GetEmpty | Ticked | AmqpError
 
 
 @dataclass(slots=True)

@@ -95,7 +95,7 @@ def test_passive_ignores_flags_and_arguments(d) -> None:
         ({"x-queue-type": "foo"}, "'x-queue-type' for queue 'q' in vhost '/': \"unsupported queue type 'foo'\""),
         ({"x-single-active-consumer": "yes"}, "'x-single-active-consumer' for queue 'q' in vhost '/': {unacceptable_type,longstr}"),
         ({"x-dead-letter-routing-key": "k"}, "'x-dead-letter-routing-key' for queue 'q' in vhost '/': routing_key_but_no_dlx_defined"),
-        ({"x-delivery-limit": 5}, "'x-delivery-limit' for queue 'q' in vhost '/' of queue type rabbit_classic_queue"),
+        ({"x-queue-leader-locator": "balanced"}, "'x-queue-leader-locator' for queue 'q' in vhost '/' of queue type rabbit_classic_queue"),
         ({"x-max-in-memory-length": 5}, "'x-max-in-memory-length' for queue 'q' in vhost '/' of queue type rabbit_classic_queue"),
     ],
 )  # fmt: skip
