@@ -27,11 +27,12 @@ from typing import Any
 from .codec import peek_properties
 from .fields import decode_value, encode_value, shortstr
 
-__all__ = ["with_headers"]
+__all__ = ["reply_to_of", "with_headers", "with_reply_to"]
 
 _U32 = struct.Struct(">I")
 _I64 = struct.Struct(">q")
 _HEADERS = 0x2000
+_REPLY_TO = 0x0200
 _EXPIRATION = 0x0100
 _TAG_TABLE = ord("F")
 _TAG_ARRAY = ord("A")
@@ -86,6 +87,48 @@ def with_headers(
         elif value is not None and not flag & drop:
             parts.append(value)
     return b"".join(parts)
+
+
+def _spans(raw: bytes) -> tuple[int, int, dict[int, tuple[int, int]]]:
+    """(flags, where the property list starts, {flag: (start, end)}) of a valid block."""
+    flags = (raw[0] << 8) | raw[1]
+    start = 2
+    while raw[start - 1] & 1:
+        start += 2
+    spans: dict[int, tuple[int, int]] = {}
+    off = start
+    for flag, kind in _LAYOUT:
+        if flags & flag:
+            end = _value_end(raw, off, kind)
+            spans[flag] = (off, end)
+            off = end
+    return flags, start, spans
+
+
+def reply_to_of(raw: bytes) -> str | None:
+    """The reply-to property of a valid block, or None (bytes that are not UTF-8 are
+    replaced, as everywhere a name is shown)."""
+    if len(raw) < 2 or not raw[0] & (_REPLY_TO >> 8):
+        return None
+    _flags, _start, spans = _spans(raw)
+    begin, end = spans[_REPLY_TO]
+    return raw[begin + 1 : end].decode("utf-8", "replace")
+
+
+def with_reply_to(raw: bytes, reply_to: str) -> bytes:
+    """`raw` with its reply-to property set to `reply_to` (direct reply-to rewrites it);
+    every other property keeps its bytes."""
+    peek_properties(raw)
+    flags, start, spans = _spans(raw)
+    new = shortstr(reply_to)
+    if _REPLY_TO in spans:
+        begin, end = spans[_REPLY_TO]
+        return raw[:begin] + new + raw[end:]
+    # Insert it where it belongs in wire order: after every present property before it.
+    before = [end for flag, (_, end) in spans.items() if flag > _REPLY_TO]
+    at = max(before, default=start)
+    new_flags = (flags | _REPLY_TO).to_bytes(2, "big")
+    return new_flags + raw[2:at] + new + raw[at:]
 
 
 def _value_end(raw: bytes, off: int, kind: int) -> int:
