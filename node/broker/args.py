@@ -43,6 +43,7 @@ QUEUE_EQUIVALENT = (
     "x-single-active-consumer",
     "x-queue-master-locator",
     "x-queue-type",
+    "x-delivery-limit",
 )
 QUEUE_DEFAULTS: Mapping[str, Any] = {"x-queue-type": "classic"}
 EXCHANGE_EQUIVALENT = ("alternate-exchange",)
@@ -153,11 +154,12 @@ def inequivalent(
         new_here = key in received
         cur = current.get(key)
         new = received.get(key)
-        if defaults and key in defaults:
-            if not cur_here:
-                cur_here, cur = True, defaults[key]
-            if not new_here:
-                new_here, new = True, defaults[key]
+        if defaults and key in defaults and (cur_here or new_here):
+            # A missing value equals the default, but is reported as missing (RabbitMQ:
+            # {} vs classic is fine; {} vs quorum is "none" versus 'quorum').
+            default = defaults[key]
+            if same_value(cur if cur_here else default, new if new_here else default):
+                continue
         if cur_here and new_here:
             if not same_value(cur, new):
                 return key, f"'{show(new)}'", f"'{show(cur)}'"
@@ -262,6 +264,17 @@ def invalid_queue_args(arguments: FieldTable, queue: str, vhost: str) -> str | N
                 f"PRECONDITION_FAILED - invalid arg '{key}' for queue '{queue}' in vhost "
                 f"'{vhost}': {detail}"
             )
+    return None
+
+
+def invalid_exchange_args(arguments: FieldTable, exchange: str, vhost: str) -> str | None:
+    """RabbitMQ's PRECONDITION_FAILED text for a new exchange's invalid argument, else None."""
+    value = arguments.get("alternate-exchange")
+    if "alternate-exchange" in arguments and not isinstance(value, str):
+        return (
+            f"PRECONDITION_FAILED - invalid type '{type_name(value)}' for arg "
+            f"'alternate-exchange' in exchange '{exchange}' in vhost '{vhost}'"
+        )
     return None
 
 
