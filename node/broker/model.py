@@ -29,9 +29,11 @@ Rules:
   re-encoded by the injected `HeaderRewriter`; without one (None) a dead message keeps its
   old property bytes (its consumers do not see x-death; the model still does).
   Queue deletion, purge and basic.ack never dead-letter.
-- x-delivery-limit (any queue type) and quorum queues: a returned message carries an
-  x-delivery-count header (the number of times it was returned); returned more times than
-  the limit, it dies with reason delivery_limit.
+- x-delivery-limit (any queue type) and quorum queues: every delivery is stamped with an
+  x-delivery-count header (the times the message was returned before: 0 on the first
+  delivery, as RabbitMQ 3.10's quorum queues do). The stamp is on the delivered copy only:
+  the stored message, and so a dead-lettered one, never carries it. Returned more times
+  than the limit, a message dies with reason delivery_limit.
 - Not modelled: quorum/stream queue semantics (quorum queues behave as classic ones).
 Must never import anyio, asyncio, pysyncobj, socket, or read a clock.
 """
@@ -876,6 +878,14 @@ class Broker:
         new_props = Properties(props.delivery_mode, props.priority, None, headers)
         key = target.routing_key
         targets = self._route(dlx, key, headers)
+        if not routing_key_replaced(queue.arguments):
+            # As RabbitMQ: routed by every key the message had (its CC keys too).
+            cc_keys = death_routing_keys(key, props.headers)[1:]
+            if cc_keys:
+                found = dict.fromkeys(targets)
+                for cc in cc_keys:
+                    found.update(dict.fromkeys(self._route(dlx, cc, headers)))
+                targets = list(found)
         if not targets and dlx.alternate is not None:
             targets = self._route_alternate(vh, dlx, key, headers)
         if not targets:
@@ -1068,7 +1078,8 @@ class Broker:
         else:
             queue.take(message)
             channel.unacked[tag] = (queue, message, None)
-        return GetOk(tag, message.redelivered, queue.message_count, message)
+        delivered = self._stamped(message) if queue.counts_deliveries else message
+        return GetOk(tag, message.redelivered, queue.message_count, delivered)
 
     # ---- acknowledgements --------------------------------------------------------------
 
@@ -1181,24 +1192,23 @@ class Broker:
                 self._requeued(queue, effects)
 
     def _give_back(self, queue: Queue, message: Message, effects: list[Effect]) -> None:
-        """An unacked message returns to `queue`. With x-delivery-limit (or in a quorum
-        queue) it carries x-delivery-count, the times it was returned; returned more times
-        than the limit, it dies instead (delivery_limit)."""
-        if queue.counts_deliveries:
-            returns = message.delivery_count
-            limit = queue.delivery_limit
-            if limit is not None and returns > limit:
-                queue.settle(message)
-                self.total_bytes -= len(message.body)
-                if queue.dead_letters:
-                    self._dead_letter(queue, [message], "delivery_limit", effects)
-                return
-            message = self._with_delivery_count(message, returns)
+        """An unacked message returns to `queue`, unless it has now been returned more
+        times (= delivered, each delivery ending in a return) than x-delivery-limit: then
+        it dies (delivery_limit)."""
+        limit = queue.delivery_limit
+        if limit is not None and message.delivery_count > limit:
+            queue.settle(message)
+            self.total_bytes -= len(message.body)
+            if queue.dead_letters:
+                self._dead_letter(queue, [message], "delivery_limit", effects)
+            return
         queue.give_back(message)
 
-    def _with_delivery_count(self, message: Message, count: int) -> Message:
+    def _stamped(self, message: Message) -> Message:
+        """The copy of `message` to deliver from a queue that counts deliveries: its
+        headers gain x-delivery-count, the times it was returned before this delivery."""
         headers = dict(message.props.headers or {})
-        headers[DELIVERY_COUNT] = count
+        headers[DELIVERY_COUNT] = message.delivery_count - 1
         props = dataclasses.replace(message.props, headers=headers)
         rewrite = self.rewrite_headers
         raw = message.properties if rewrite is None else rewrite(message.properties, headers)
@@ -1263,6 +1273,8 @@ class Broker:
                 channel.unacked[tag] = (queue, message, chosen)
                 chosen.unacked += 1
                 channel.consumer_unacked += 1
+            if queue.counts_deliveries:
+                message = self._stamped(message)  # unacked keeps the stored one
             effects.append(Deliver(channel.ref, chosen.tag, tag, message.redelivered, message))
 
     # ---- read-only helpers -------------------------------------------------------------

@@ -166,9 +166,17 @@ def test_cc_kept_without_dead_letter_routing_key(d) -> None:
     publish(d, "src", headers={"CC": ["kcc"]})
     tag = d.ok(c.Get(channel=d.ch(), vhost="/", queue="src")).delivery_tag
     d.ok(d.nack(tag, requeue=False))
+    d.ok(d.declare("by-cc"))
+    d.ok(d.bind("by-cc", "dlx", "kcc"))
+    d.ok(d.bind("dead", "dlx", "kcc"))  # reached twice: one copy
+    publish(d, "src", b"second", headers={"CC": ["kcc"]})
+    tag = d.ok(c.Get(channel=d.ch(), vhost="/", queue="src")).delivery_tag
+    d.ok(d.nack(tag, requeue=False))
     headers = wire(get(d, "dead")).headers
     assert headers["CC"] == ["kcc"]
     assert headers["x-death"][0]["routing-keys"] == ["src", "kcc"]
+    assert [b for b, _ in d.drain("dead")] == [b"second"]
+    assert [b for b, _ in d.drain("by-cc")] == [b"second"]
 
 
 def test_missing_dlx_or_no_route_drops(d) -> None:

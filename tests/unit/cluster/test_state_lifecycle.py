@@ -197,7 +197,7 @@ def test_delivery_count_header_on_redelivery_and_limit_dead_letters(d) -> None:
     d.ok(d.declare("q", arguments=args))
     publish(d, "q", b"x")
     first = d.ok(d.get("q"))
-    assert headers_of(first.message) == {"h": 1}  # first delivery: untouched
+    assert headers_of(first.message) == {"h": 1, "x-delivery-count": 0}
     d.ok(d.nack(first.delivery_tag, requeue=True))
     second = d.ok(d.get("q"))
     assert headers_of(second.message) == {"h": 1, "x-delivery-count": 1}
@@ -206,7 +206,7 @@ def test_delivery_count_header_on_redelivery_and_limit_dead_letters(d) -> None:
     dead = d.ok(d.get("dead", no_ack=True)).message
     death = headers_of(dead)["x-death"][0]
     assert (death["reason"], death["queue"]) == ("delivery_limit", "q")
-    assert headers_of(dead)["x-delivery-count"] == 1
+    assert "x-delivery-count" not in headers_of(dead)  # a stamp on deliveries only
 
 
 def test_channel_close_counts_and_limit_zero_allows_one_delivery(d) -> None:
@@ -221,10 +221,14 @@ def test_channel_close_counts_and_limit_zero_allows_one_delivery(d) -> None:
 def test_quorum_queue_counts_returns_without_a_limit(d) -> None:
     d.ok(d.declare("qq", durable=True, arguments={"x-queue-type": "quorum"}))
     publish(d, "qq")
+    d.ok(d.qos(1))
+    out = d.run(d.consume("qq", "t"))
     for count in (1, 2, 3):
-        tag = d.ok(d.get("qq")).delivery_tag
-        d.ok(d.nack(tag, requeue=True))
-        assert headers_of(d.sm._broker.vhosts["/"].queues["qq"].head())["x-delivery-count"] == count
+        assert headers_of(d.delivers(out)[0].message)["x-delivery-count"] == count - 1
+        out = d.run(d.nack(count, requeue=True))
+    assert headers_of(d.delivers(out)[0].message)["x-delivery-count"] == 3
+    ((_, stored, _),) = d.sm._broker.channels[d.ch()].unacked.values()
+    assert headers_of(stored) == {"h": 1}  # the stored message is not stamped
 
 
 def test_reject_without_requeue_is_not_a_delivery_limit_death(d) -> None:
