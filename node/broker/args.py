@@ -334,8 +334,8 @@ _LEADING_INTEGER = re.compile(r"[+-]?[0-9]+")
 def parse_expiration(text: str | None) -> tuple[int | None, str | None]:
     """(TTL in ms or None, None) for a valid expiration property, else (None, the error
     detail RabbitMQ prints after "invalid expiration '...': ")."""
-    if not text:
-        return None, None
+    if text is None:
+        return None, None  # absent ('' is present, and refused like RabbitMQ: no_integer)
     found = _LEADING_INTEGER.match(text)
     if found is None:
         return None, "no_integer"

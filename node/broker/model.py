@@ -703,7 +703,7 @@ class Broker:
         if exchange.internal:
             return errors.internal_exchange(vhost, exchange_name)
         message_ttl: int | None = None
-        if props.expiration:
+        if props.expiration is not None:
             message_ttl, problem = arguments_.parse_expiration(props.expiration)
             if problem is not None:
                 return errors.invalid_expiration(props.expiration, problem)

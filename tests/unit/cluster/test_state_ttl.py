@@ -106,6 +106,7 @@ def test_consumers_never_get_expired_messages(d) -> None:
 @pytest.mark.parametrize(
     ("expiration", "detail"),
     [
+        ("", "no_integer"),  # present but empty: RabbitMQ 3.10 closes the channel
         ("abc", "no_integer"),
         (" 5", "no_integer"),
         ("-1", "{value_negative,-1}"),
@@ -123,7 +124,7 @@ def test_invalid_expiration_is_refused(d, expiration: str, detail: str) -> None:
     assert d.queue("q").messages == 0
 
 
-@pytest.mark.parametrize("expiration", ["", "0", "+5", "-0", "315360000000"])
+@pytest.mark.parametrize("expiration", ["0", "+5", "-0", "315360000000"])
 def test_valid_expirations(d, expiration: str) -> None:
     d.ok(d.declare("q"))
     assert publish(d, "q", b"x", now=0, expiration=expiration) == Routed(1)
