@@ -203,6 +203,9 @@ class Consume(Command):
     no_ack: bool = False
     exclusive: bool = False
     arguments: FieldTable = field(default_factory=_no_args)
+    # Direct reply-to: the unguessable key of this channel's reply address, chosen by the
+    # channel layer when `queue` is amq.rabbitmq.reply-to (see node.broker.reply_to).
+    reply_key: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

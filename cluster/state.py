@@ -218,6 +218,7 @@ class StateMachine:
             exclusive=cmd.exclusive,
             arguments=cmd.arguments,
             effects=effects,
+            reply_key=cmd.reply_key,
         )
         return Outcome(reply, effects)
 
@@ -262,6 +263,10 @@ class StateMachine:
     def flow_blocked(self) -> bool:
         """Publishers should pause: a consumed queue has a large ready backlog."""
         return self._broker.flow_blocked()
+
+    def reply_address(self, ref: ChannelRef) -> str | None:
+        """Direct reply-to: the address replies to this channel's reply consumer use."""
+        return self._broker.replies.address(ref)
 
     @property
     def total_message_bytes(self) -> int:

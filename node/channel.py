@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from pamqp import commands as spec
 
 from cluster import commands as cmd
+from node.broker.reply_to import NO_CONSUMER, REPLY_QUEUE
 from node.broker.types import (
     AmqpError,
     ChannelRef,
@@ -31,12 +32,14 @@ from node.broker.types import (
 )
 from node.protocol.codec import AckMethod, decode_properties, peek_properties
 from node.protocol.connection import ChannelContent, ServerConnection
+from node.protocol.properties import reply_to_of, with_reply_to
 
 NOT_IMPLEMENTED = 540
 PRECONDITION_FAILED = 406
 NOT_FOUND = 404
 NO_ROUTE = 312
 USER_ID_FLAG = 0x10  # bit 4 of the property flags' low byte: user-id present
+REPLY_TO_FLAG = 0x02  # bit 9 of the flags (in their high byte): reply-to present
 # Templates that only name a method (class and method ids) for errors on the hot path:
 # built once, never sent, never changed.
 _PUBLISH = spec.Basic.Publish()
@@ -58,6 +61,7 @@ class Host(Protocol):
     proto: ServerConnection
 
     execute: Callable[[cmd.AnyCommand], Reply]
+    reply_address: Callable[[ChannelRef], str | None]
 
     def now_ms(self) -> int: ...
 
@@ -148,8 +152,12 @@ class Channel:
             )
         peeked = content.peeked or peek_properties(content.properties)
         delivery_mode, priority, expiration, headers = peeked
-        if len(content.properties) >= 2 and content.properties[1] & USER_ID_FLAG:
-            self._check_user_id(content.properties)
+        properties = content.properties
+        if len(properties) >= 2:
+            if properties[1] & USER_ID_FLAG:
+                self._check_user_id(properties)
+            if properties[0] & REPLY_TO_FLAG and reply_to_of(properties) == REPLY_QUEUE:
+                properties = self._direct_reply_to(properties)
         command = cmd.new_publish(
             self.host.now_ms(),
             self.ref,
@@ -157,7 +165,7 @@ class Channel:
             content.exchange,
             content.routing_key,
             content.mandatory,
-            content.properties,
+            properties,
             new_properties(delivery_mode, priority, expiration, headers),
             content.body,
         )
@@ -166,6 +174,14 @@ class Channel:
             self._tx_buffer.append(command)
             return
         self._publish(command)
+
+    def _direct_reply_to(self, properties: bytes) -> bytes:
+        """A request with reply-to amq.rabbitmq.reply-to: point it at this channel's reply
+        consumer (406 when the channel has none), as RabbitMQ rewrites it."""
+        address = self.host.reply_address(self.ref)
+        if address is None:
+            raise ChannelError(NO_CONSUMER)
+        return with_reply_to(properties, address)
 
     def _check_user_id(self, properties: bytes) -> None:
         """RabbitMQ's validated user-id: the property must name the authenticated user."""
@@ -427,6 +443,7 @@ class Channel:
                 no_ack=m.no_ack,
                 exclusive=m.exclusive,
                 arguments=m.arguments or {},
+                reply_key=generate_name("") if queue == REPLY_QUEUE else "",
             ),
             m,
         )

@@ -26,7 +26,15 @@ from pamqp import commands as spec
 from cluster import commands as cmd
 from cluster.state import StateMachine
 from node import __version__
-from node.broker.types import AmqpError, CancelConsumer, Deliver, Effect, Reply, Ticked
+from node.broker.types import (
+    AmqpError,
+    CancelConsumer,
+    ChannelRef,
+    Deliver,
+    Effect,
+    Reply,
+    Ticked,
+)
 from node.channel import Channel, ChannelError
 from node.config import NodeConfig, default_watermark
 from node.logs import EventLogger
@@ -229,6 +237,7 @@ class ClientConnection:
         self.channels: dict[int, Channel] = {}
         # Host protocol: channels run commands straight on the node (one call layer less).
         self.execute: Callable[[cmd.AnyCommand], Reply] = node.execute
+        self.reply_address: Callable[[ChannelRef], str | None] = node.state.reply_address
         self._now_ms = int(time.time() * 1000)
         self._out: deque[bytes] = deque()
         self._out_bytes = 0

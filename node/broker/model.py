@@ -60,6 +60,7 @@ from node.broker.entities import Binding, Channel, Connection, Consumer, Exchang
 from node.broker.errors import Method
 from node.broker.exchange_type import ExchangeType
 from node.broker.registry import exchange_types
+from node.broker.reply_to import REPLY_PREFIX, REPLY_QUEUE, DirectReply
 from node.broker.types import (
     AmqpError,
     CancelConsumer,
@@ -190,6 +191,7 @@ class Broker:
         # Derived, never decides anything inside the model: the shell reads it to slow
         # publishers down to their consumers' pace (a slow consumer slows its publisher).
         self.backlogged: dict[Queue, None] = {}
+        self.replies = DirectReply()
         for name in vhosts:
             self.add_vhost(name)
 
@@ -247,6 +249,7 @@ class Broker:
         return OK
 
     def _close_channel(self, channel: Channel, effects: list[Effect]) -> None:
+        self.replies.close_channel(channel.ref)
         del self.channels[channel.ref]
         channel.conn.channels.pop(channel.ref.channel, None)
         touched: dict[Queue, None] = {}
@@ -463,6 +466,8 @@ class Broker:
         vh = self.vhosts.get(vhost)
         if vh is None:
             return errors.no_vhost(vhost, method)
+        if name == REPLY_QUEUE:
+            return QueueDeclared(REPLY_QUEUE, 0, 1)  # RabbitMQ's answer; nothing is created
         queue = self._lookup(vh, name)
         if queue is not None:
             queue.last_used_ms = self.now_ms  # a declaration counts as use (x-expires)
@@ -697,6 +702,8 @@ class Broker:
         vh = self.vhosts.get(vhost)
         if vh is None:
             return errors.no_vhost(vhost, Method.BASIC_PUBLISH)
+        if not exchange_name and routing_key.startswith(REPLY_PREFIX):
+            return self._reply(routing_key, mandatory, properties, props, body, now_ms, effects)
         exchange = vh.exchanges.get(exchange_name)
         if exchange is None:
             return errors.no_exchange(vhost, exchange_name, Method.BASIC_PUBLISH)
@@ -751,6 +758,30 @@ class Broker:
         if rejected:
             return Routed(len(queues), rejected=True)
         return _routed(len(queues))
+
+    def _reply(
+        self,
+        routing_key: str,
+        mandatory: bool,
+        properties: bytes,
+        props: Properties,
+        body: bytes,
+        now_ms: int,
+        effects: list[Effect],
+    ) -> Reply:
+        """A direct reply-to reply: straight to the requesting channel's reply consumer.
+        RabbitMQ 3.10 also returns a mandatory reply it delivered (kept, quirk included)."""
+        target = self.replies.target(routing_key)
+        channel = self.channels.get(target[0]) if target is not None else None
+        if target is None or channel is None:
+            return NO_ROUTE if mandatory else _ROUTED[0]
+        message_id = self.next_message_id
+        self.next_message_id = message_id + 1
+        message = Message(message_id, "", routing_key, properties, props, body, now_ms)
+        tag = channel.next_tag
+        channel.next_tag = tag + 1
+        effects.append(Deliver(channel.ref, target[1], tag, False, message))
+        return NO_ROUTE if mandatory else _ROUTED[1]
 
     def flow_blocked(self) -> bool:
         """True while a consumed queue that publishers fill holds more than FLOW_LOW ready
@@ -1004,11 +1035,16 @@ class Broker:
         exclusive: bool,
         arguments: FieldTable,
         effects: list[Effect],
+        reply_key: str = "",
     ) -> Reply:
         method = Method.BASIC_CONSUME
         existing = self.channels.get(ref)
         if existing is not None and tag in existing.consumers:
             return errors.reused_tag(tag)
+        if name == REPLY_QUEUE:
+            self._channel(ref)
+            refused = self.replies.consume(ref, tag, reply_key, no_ack=no_ack)
+            return refused if refused is not None else ConsumeOk(tag)
         queue = self._owned_queue(vhost, name, ref.conn, method, effects)
         if isinstance(queue, AmqpError):
             return queue
@@ -1034,6 +1070,8 @@ class Broker:
         return ConsumeOk(tag)
 
     def cancel(self, ref: ChannelRef, tag: str, effects: list[Effect]) -> Reply:
+        if self.replies.cancel(ref, tag):
+            return OK
         channel = self.channels.get(ref)
         consumer = channel.consumers.pop(tag, None) if channel is not None else None
         if consumer is None:
