@@ -716,7 +716,7 @@ class Broker:
                 return errors.invalid_expiration(props.expiration, problem)
         queues = exchange.table.route(routing_key, props.headers)
         if exchange.e2e_count or len(queues) > 1:
-            queues = self._route(exchange, routing_key, props.headers)
+            queues = self._route(vh, exchange, routing_key, props.headers)
         if not queues and exchange.alternate is not None:
             queues = self._route_alternate(vh, exchange, routing_key, props.headers)
         if not queues:
@@ -908,14 +908,14 @@ class Broker:
         )
         new_props = Properties(props.delivery_mode, props.priority, None, headers)
         key = target.routing_key
-        targets = self._route(dlx, key, headers)
+        targets = self._route(vh, dlx, key, headers)
         if not routing_key_replaced(queue.arguments):
             # As RabbitMQ: routed by every key the message had (its CC keys too).
             cc_keys = death_routing_keys(key, props.headers)[1:]
             if cc_keys:
                 found = dict.fromkeys(targets)
                 for cc in cc_keys:
-                    found.update(dict.fromkeys(self._route(dlx, cc, headers)))
+                    found.update(dict.fromkeys(self._route(vh, dlx, cc, headers)))
                 targets = list(found)
         if not targets and dlx.alternate is not None:
             targets = self._route_alternate(vh, dlx, key, headers)
@@ -965,12 +965,16 @@ class Broker:
         if queue.expiring:
             self._expire(queue, effects, inclusive=True)
 
-    def _route(self, exchange: Exchange, routing_key: str, headers: FieldTable | None) -> Any:
+    def _route(
+        self, vh: Vhost, exchange: Exchange, routing_key: str, headers: FieldTable | None
+    ) -> Any:
         found = exchange.table.route(routing_key, headers)
         if not exchange.e2e_count:
             if len(found) <= 1:
                 return found
             return list(dict.fromkeys(found))
+        # Exchange-to-exchange: walk every exchange reached, each queue once. As RabbitMQ,
+        # an exchange reached on the way that routes nowhere hands over to its alternate.
         queues: dict[Queue, None] = {}
         seen: dict[Exchange, None] = {exchange: None}
         pending = deque([found])
@@ -980,7 +984,11 @@ class Broker:
                     queues[dest] = None
                 elif dest not in seen:
                     seen[dest] = None
-                    pending.append(dest.table.route(routing_key, headers))
+                    routed = dest.table.route(routing_key, headers)
+                    if not routed and dest.alternate is not None:
+                        alternate = vh.exchanges.get(dest.alternate)
+                        routed = () if alternate is None else (alternate,)
+                    pending.append(routed)
         return list(queues)
 
     def _route_alternate(
@@ -996,7 +1004,7 @@ class Broker:
             alternate = vh.exchanges.get(name)
             if alternate is None:
                 return ()
-            queues = self._route(alternate, routing_key, headers)
+            queues = self._route(vh, alternate, routing_key, headers)
             if queues:
                 return queues
             current = alternate
@@ -1082,8 +1090,9 @@ class Broker:
         queue.last_used_ms = self.now_ms
         if queue.auto_delete and not queue.consumers and not queue.deleted:
             self._delete_queue(queue, effects)
-        elif queue.single_active and not queue.deleted:
-            self._dispatch(queue, effects)  # the next subscriber takes over
+        # Single active consumer: like RabbitMQ 3.10, the next subscriber takes over at the
+        # queue's next event (a publish, a return, a channel closing), not at the cancel
+        # itself, so a closing channel's unacked messages reach it first, in order.
         return OK
 
     def get(
