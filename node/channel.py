@@ -293,23 +293,19 @@ class Channel:
             self._send(spec.Exchange.DeleteOk())
 
     def _exchange_bind(self, m: spec.Exchange.Bind) -> None:
-        self._run(
-            cmd.BindExchange(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                destination=m.destination,
-                source=m.source,
-                routing_key=m.routing_key,
-                arguments=m.arguments or {},
-            ),
-            m,
-        )
-        if not m.nowait:
-            self._send(spec.Exchange.BindOk())
+        self._exchange_binding(m, cmd.BindExchange, spec.Exchange.BindOk())
 
     def _exchange_unbind(self, m: spec.Exchange.Unbind) -> None:
+        self._exchange_binding(m, cmd.UnbindExchange, spec.Exchange.UnbindOk())
+
+    def _exchange_binding(
+        self,
+        m: spec.Exchange.Bind | spec.Exchange.Unbind,
+        command: type[cmd.BindExchange | cmd.UnbindExchange],
+        ok: Any,
+    ) -> None:
         self._run(
-            cmd.UnbindExchange(
+            command(
                 now_ms=self.host.now_ms(),
                 vhost=self.host.vhost,
                 destination=m.destination,
@@ -320,7 +316,7 @@ class Channel:
             m,
         )
         if not m.nowait:
-            self._send(spec.Exchange.UnbindOk())
+            self._send(ok)
 
     # ---- queue -------------------------------------------------------------------------
 
@@ -349,36 +345,34 @@ class Channel:
             self._send(spec.Queue.DeclareOk(reply.queue, reply.message_count, reply.consumer_count))
 
     def _queue_bind(self, m: spec.Queue.Bind) -> None:
-        self._run(
-            cmd.BindQueue(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                queue=self._queue_name(m.queue, m),
-                exchange=m.exchange,
-                # Empty queue and key: both mean the channel's last declared queue.
-                routing_key=m.routing_key or ("" if m.queue else self._last_queue),
-                owner=self.host.conn_id,
-                arguments=m.arguments or {},
-            ),
-            m,
-        )
+        # Empty queue and key: both mean the channel's last declared queue.
+        key = m.routing_key or ("" if m.queue else self._last_queue)
+        self._queue_binding(m, cmd.BindQueue, key)
         if not m.nowait:
             self._send(spec.Queue.BindOk())
 
     def _queue_unbind(self, m: spec.Queue.Unbind) -> None:
+        self._queue_binding(m, cmd.UnbindQueue, m.routing_key or "")
+        self._send(spec.Queue.UnbindOk())  # queue.unbind has no nowait
+
+    def _queue_binding(
+        self,
+        m: spec.Queue.Bind | spec.Queue.Unbind,
+        command: type[cmd.BindQueue | cmd.UnbindQueue],
+        routing_key: str,
+    ) -> None:
         self._run(
-            cmd.UnbindQueue(
+            command(
                 now_ms=self.host.now_ms(),
                 vhost=self.host.vhost,
                 queue=self._queue_name(m.queue, m),
                 exchange=m.exchange,
-                routing_key=m.routing_key or "",
+                routing_key=routing_key,
                 owner=self.host.conn_id,
                 arguments=m.arguments or {},
             ),
             m,
         )
-        self._send(spec.Queue.UnbindOk())
 
     def _queue_purge(self, m: spec.Queue.Purge) -> None:
         reply = self._run(
