@@ -1,0 +1,602 @@
+"""The Raft adapter: the one place Warren touches pysyncobj.
+
+Rules of this module:
+
+- It is the ONLY module that imports pysyncobj. Everything else sees `RaftConfig`,
+  `RaftNode`, `RaftStatus` and the exceptions below; entries are opaque `bytes` (the
+  command codec lives elsewhere and versions them).
+- Exactly ONE replicated entry point (`_Replica.apply_entry`). pysyncobj numbers
+  replicated methods by sorted name and writes the number into the journal: adding or
+  renaming one would change what old journals replay to. Never add a second one.
+- `apply` is made total here: an exception from it is logged and turned into an error
+  marker (the submitter's future fails with `ApplyFailed`), because an exception inside
+  a replicated body makes pysyncobj retry the entry on every tick forever.
+- Nothing from pysyncobj's tick thread touches event-loop objects. Results travel back
+  through `concurrent.futures.Future`s; `submit_async` wraps them with
+  `asyncio.wrap_future`, which hops to the loop with `call_soon_threadsafe`. Done
+  callbacks added to a returned future run on the tick thread: keep them tiny.
+- apply, snapshot and restore all run on pysyncobj's single tick thread, never
+  concurrently with each other. A slow one stalls Raft (heartbeats, elections).
+- No pickle of our state: snapshots are written by pysyncobj's `serializer` hook in our
+  own format (see `_write_dump`): a header with the two raft entries pysyncobj needs and
+  the member list, then the bytes of `snapshot()`. `restore(bytes)` must discard all
+  previous state (it is also called when a follower installs the leader's snapshot).
+- Always a password (peers that do not know it are disconnected at the handshake), an
+  explicit bind address, journal AND full dump file, `useFork=False`.
+- The `RaftNode` must be created on a thread that outlives it (normally the main
+  thread): pysyncobj's tick thread stops when its creating thread exits.
+
+Outcomes of `submit`: the future resolves with `apply`'s result once the entry is
+committed and applied on THIS node (so a read on this node right after sees it). Failures
+that pysyncobj reports as definite (no leader, leader lost the entry, queue full) are
+retried inside the deadline and then raised as `NotApplied`; timeouts, LEADER_CHANGED and
+UNKNOWN_OUTCOME raise `MaybeApplied`: the entry may still be applied later, so commands
+must be idempotent (ids + de-duplication in the state machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.encryptor import HAS_CRYPTO
+from pysyncobj.node import TCPNode
+
+__all__ = [
+    "ApplyFailed",
+    "MaybeApplied",
+    "NotApplied",
+    "RaftClosed",
+    "RaftConfig",
+    "RaftError",
+    "RaftNode",
+    "RaftStatus",
+    "load_or_create_secret",
+]
+
+logger = logging.getLogger(__name__)
+
+SECRET_FILE: Final = "raft.secret"
+JOURNAL_FILE: Final = "raft.journal"
+DUMP_FILE: Final = "raft.dump"
+# Our full-dump format: magic, u32 header length, JSON header, snapshot bytes.
+_DUMP_MAGIC: Final = b"WARRAFT\x01"
+_DUMP_VERSION: Final = 1
+# How long to wait before resubmitting an entry pysyncobj definitely did not log
+# (no leader during an election, old leader lost it): a few ticks.
+_RETRY_DELAY_S: Final = 0.02
+# pysyncobj wraps an entry in a type byte and a pickled (method id, args) tuple.
+_ENTRY_OVERHEAD: Final = 4096
+_ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class RaftError(Exception):
+    """Base of everything `RaftNode` raises into a future."""
+
+
+class MaybeApplied(RaftError):
+    """The entry may or may not have been (or may later be) applied: make commands idempotent.
+
+    Raised for a submit timeout, pysyncobj's LEADER_CHANGED and UNKNOWN_OUTCOME.
+    """
+
+
+class NotApplied(RaftError):
+    """The entry was definitely not logged (no leader until the deadline, queue full, denied)."""
+
+
+class ApplyFailed(RaftError):
+    """The entry was committed, but `apply` raised on this node (logged; the node carries on)."""
+
+
+class RaftClosed(RaftError):
+    """The node was closed before the entry's outcome was known (treat as maybe applied)."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+Address = tuple[str, int]
+
+
+def _addr(a: Address) -> str:
+    return f"{a[0]}:{a[1]}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RaftConfig:
+    """Everything one Raft member needs. Times are seconds.
+
+    Tuning (measured, see the research notes on pysyncobj): a new command waits for the
+    next tick, so `auto_tick_period` dominates single-command latency (0.05 default → ~100
+    ms; 0.005 → ~11 ms). `connection_timeout` is how long a silent peer connection is kept:
+    it must outlast a full snapshot transfer (the receiving follower sends nothing until it
+    has it all; 3.5 s made a 100 MB catch-up loop forever, 60 s let it finish in 39 s). Its
+    cost: a peer that vanishes silently (partition, frozen host — not a crash, whose socket
+    closes at once) still counts as connected for that long, and the leader buffers its
+    appends to it in memory meanwhile. Elections do not wait for it (they run on the
+    `raft_*_timeout` timers), and `leader_fallback_timeout` makes a leader cut off from the
+    majority step down after a few seconds regardless.
+    """
+
+    self_address: Address
+    peers: tuple[Address, ...]
+    data_dir: Path
+    password: str | None = None
+    # Address the Raft port binds to; None = the host of self_address (never 0.0.0.0
+    # unless asked for explicitly here).
+    bind_host: str | None = None
+    auto_tick_period: float = 0.005
+    append_entries_period: float = 0.01
+    raft_min_timeout: float = 0.4
+    raft_max_timeout: float = 1.4
+    connection_timeout: float = 60.0
+    connection_retry_time: float = 0.5
+    leader_fallback_timeout: float = 5.0
+    submit_timeout: float = 10.0
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time: float = 300.0
+    commands_queue_size: int = 100_000
+    # Largest entry `submit` accepts. pysyncobj sends a single entry at least as large as
+    # its append-entries batch size in chunks, and that path is broken in 0.3.17 (the last
+    # chunk is computed from the wrong length: followers fail to unpickle it, measured
+    # with 70 KB entries). We size the batch above this limit so that path is never taken.
+    max_entry_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.self_address in self.peers:
+            object.__setattr__(
+                self, "peers", tuple(p for p in self.peers if p != self.self_address)
+            )
+        if not self.auto_tick_period > 0 or not self.append_entries_period > 0:
+            raise ValueError("tick and append-entries periods must be positive")
+        if self.raft_min_timeout <= 3 * self.append_entries_period:
+            raise ValueError("raft_min_timeout must exceed 3 x append_entries_period")
+        if self.raft_max_timeout <= self.raft_min_timeout:
+            raise ValueError("raft_max_timeout must exceed raft_min_timeout")
+        if self.connection_timeout < self.raft_max_timeout:
+            raise ValueError("connection_timeout must be >= raft_max_timeout")
+        if self.leader_fallback_timeout <= self.append_entries_period:
+            raise ValueError("leader_fallback_timeout must exceed append_entries_period")
+        if self.max_entry_bytes < 1:
+            raise ValueError("max_entry_bytes must be positive")
+        if self.log_compaction_min_entries < 2:
+            raise ValueError("log_compaction_min_entries must be >= 2")
+
+    @property
+    def journal_file(self) -> Path:
+        return self.data_dir / JOURNAL_FILE
+
+    @property
+    def dump_file(self) -> Path:
+        return self.data_dir / DUMP_FILE
+
+
+def load_or_create_secret(data_dir: Path) -> str:
+    """The cluster password stored in `data_dir/raft.secret` (mode 0600), created once.
+
+    Every member of a cluster needs the same secret: whoever starts the cluster generates
+    it once (this function, on one data dir) and hands it to the others.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_text(encoding="ascii").strip()
+        if not secret:
+            raise ValueError(f"{path} is empty") from None
+        return secret
+    secret = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secret + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return secret
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class RaftStatus:
+    self_address: str
+    leader: str | None
+    role: str  # "leader" | "follower" | "candidate"
+    term: int
+    commit_index: int
+    last_applied: int
+    is_ready: bool
+    has_quorum: bool
+    members: tuple[str, ...]  # every voting member, self included, sorted
+    connected: tuple[str, ...]  # peers with a live connection
+    apply_errors: int
+
+
+# --------------------------------------------------------------------------- pysyncobj glue
+
+
+@dataclass(frozen=True, slots=True)
+class _ApplyError:
+    """What the replicated body returns when apply raised (never leaves this module)."""
+
+    text: str
+
+
+class _Replica(SyncObj):  # type: ignore[misc]
+    """The pysyncobj object: one replicated method, nothing else of ours in its state."""
+
+    def __init__(
+        self, owner: RaftNode, self_addr: str, peers: list[str], conf: SyncObjConf
+    ) -> None:
+        # Set before SyncObj.__init__: its tick thread may call into us at once.
+        self._warren_owner = owner
+        super().__init__(self_addr, peers, conf)
+
+    @replicated  # type: ignore[untyped-decorator]
+    def apply_entry(self, entry: bytes) -> bytes | _ApplyError:
+        return self._warren_owner._apply_total(entry)
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: concurrent.futures.Future[Any]
+    deadline: float
+    resubmit: Callable[[Callable[[Any, int], None]], None]
+    void: bool
+    attempt: int = 0
+    retry_at: float | None = None
+    done: bool = False
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class RaftNode:
+    """One Raft member replicating opaque byte entries into `apply`.
+
+    `apply(entry) -> bytes` must be deterministic and is called once per committed entry
+    on every member, in log order. `snapshot() -> bytes` captures the whole state;
+    `restore(bytes)` replaces it. All three run on pysyncobj's tick thread.
+    """
+
+    def __init__(
+        self,
+        config: RaftConfig,
+        apply: Callable[[bytes], bytes],
+        snapshot: Callable[[], bytes],
+        restore: Callable[[bytes], None],
+    ) -> None:
+        if not HAS_CRYPTO:
+            raise RuntimeError("pysyncobj needs the 'cryptography' package to use a password")
+        self._config = config
+        self._apply = apply
+        self._snapshot = snapshot
+        self._restore = restore
+        self._apply_errors = 0
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._retries: list[tuple[float, int]] = []
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._ready = threading.Event()
+
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        password = config.password or load_or_create_secret(config.data_dir)
+        self_addr = _addr(config.self_address)
+        bind_host = config.bind_host or config.self_address[0]
+        conf = SyncObjConf(
+            password=password,
+            bindAddress=f"{bind_host}:{config.self_address[1]}",
+            autoTick=True,
+            autoTickPeriod=config.auto_tick_period,
+            appendEntriesPeriod=config.append_entries_period,
+            raftMinTimeout=config.raft_min_timeout,
+            raftMaxTimeout=config.raft_max_timeout,
+            connectionTimeout=config.connection_timeout,
+            connectionRetryTime=config.connection_retry_time,
+            leaderFallbackTimeout=config.leader_fallback_timeout,
+            commandsQueueSize=config.commands_queue_size,
+            appendEntriesBatchSizeBytes=config.max_entry_bytes + _ENTRY_OVERHEAD,
+            # Fail fast when there is no leader; we retry inside the deadline ourselves,
+            # so an entry never waits unseen in pysyncobj's queue past its caller.
+            commandsWaitLeader=False,
+            journalFile=str(config.journal_file),
+            fullDumpFile=str(config.dump_file),
+            serializer=self._write_dump,
+            deserializer=self._read_dump,
+            useFork=False,
+            logCompactionMinEntries=config.log_compaction_min_entries,
+            logCompactionMinTime=config.log_compaction_min_time,
+            dynamicMembershipChange=True,
+            onReady=self._ready.set,
+        )
+        self._replica = _Replica(self, self_addr, [_addr(p) for p in config.peers], conf)
+        self._replica.addOnTickCallback(self._on_tick)
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def config(self) -> RaftConfig:
+        return self._config
+
+    def submit(
+        self, entry: bytes, timeout: float | None = None
+    ) -> concurrent.futures.Future[bytes]:
+        """Replicate `entry`; the future gets apply's result once applied on this node."""
+        if not isinstance(entry, bytes):
+            raise TypeError("entries are bytes")
+        if len(entry) > self._config.max_entry_bytes:
+            raise ValueError(
+                f"entry of {len(entry)} bytes exceeds max_entry_bytes "
+                f"({self._config.max_entry_bytes}); split it"
+            )
+
+        def resubmit(cb: Callable[[Any, int], None]) -> None:
+            self._replica.apply_entry(entry, callback=cb)
+
+        return self._start(resubmit, timeout)
+
+    async def submit_async(self, entry: bytes, raft_timeout: float | None = None) -> bytes:
+        """`submit` for the event loop: the result is handed over via call_soon_threadsafe.
+
+        `raft_timeout` is the deadline after which the outcome is `MaybeApplied` (not a
+        cancellation: cancelling the awaiting task does not withdraw the entry)."""
+        return await asyncio.wrap_future(self.submit(entry, raft_timeout))
+
+    def add_member(
+        self, address: Address, timeout: float | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Add one voting member (one change at a time). The new node must be started with
+        every current member as its peers, the same password, and an empty data dir."""
+        node = _addr(address)
+        return self._start(
+            lambda cb: self._replica.addNodeToCluster(node, callback=cb), timeout, void=True
+        )
+
+    def remove_member(
+        self, address: Address, timeout: float | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Remove one voting member (one change at a time)."""
+        node = _addr(address)
+        return self._start(
+            lambda cb: self._replica.removeNodeFromCluster(node, callback=cb), timeout, void=True
+        )
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until this node has caught up with the leader's commit index once."""
+        return self._ready.wait(timeout)
+
+    def status(self) -> RaftStatus:
+        """A consistent-enough view for operators (read from another thread, retried)."""
+        for _ in range(10):
+            try:
+                raw = self._replica.getStatus()
+                break
+            except RuntimeError:  # a set changed size under us (membership change)
+                time.sleep(0.001)
+        else:
+            raw = self._replica.getStatus()
+        self_addr = _addr(self._config.self_address)
+        peers = sorted(str(n) for n in self._replica.otherNodes)
+        leader = raw.get("leader")
+        return RaftStatus(
+            self_address=self_addr,
+            leader=None if leader is None else str(leader),
+            role=_ROLES.get(int(raw["state"]), "unknown"),
+            term=int(raw["raft_term"]),
+            commit_index=int(raw["commit_idx"]),
+            last_applied=int(raw["last_applied"]),
+            is_ready=bool(self._replica.isReady()),
+            has_quorum=bool(raw["has_quorum"]),
+            members=tuple(sorted([self_addr, *peers])),
+            connected=tuple(p for p in peers if raw.get("partner_node_status_server_" + p) == 2),
+            apply_errors=self._apply_errors,
+        )
+
+    def force_compaction(self) -> None:
+        """Ask pysyncobj to snapshot + truncate the journal at the next tick."""
+        self._replica.forceLogCompaction()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the tick thread, close sockets and files; fail what is still pending."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._replica.destroy()
+        deadline = time.monotonic() + timeout
+        while self._replica.tick_thread_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self._replica.tick_thread_alive():
+            logger.warning("raft tick thread still alive %.1fs after close", timeout)
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            self._finish(p, exc=RaftClosed("raft node closed before the outcome was known"))
+
+    # ----------------------------------------------------------------- internals
+
+    def _start(
+        self,
+        resubmit: Callable[[Callable[[Any, int], None]], None],
+        timeout: float | None,
+        *,
+        void: bool = False,
+    ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        # RUNNING: a cancel from asyncio.wrap_future can no longer race our set_result.
+        future.set_running_or_notify_cancel()
+        limit = self._config.submit_timeout if timeout is None else timeout
+        pending = _Pending(future, time.monotonic() + limit, resubmit, void)
+        with self._lock:
+            if self._closed:
+                future.set_exception(RaftClosed("raft node is closed"))
+                return future
+            rid = next(self._ids)
+            self._pending[rid] = pending
+            heapq.heappush(self._deadlines, (pending.deadline, rid))
+        self._send(rid, pending)
+        return future
+
+    def _send(self, rid: int, pending: _Pending) -> None:
+        attempt = pending.attempt
+
+        def callback(result: Any, err: int) -> None:
+            self._on_result(rid, attempt, result, err)
+
+        pending.resubmit(callback)
+
+    def _on_result(self, rid: int, attempt: int, result: Any, err: int) -> None:
+        # Runs on the tick thread.
+        with self._lock:
+            pending = self._pending.get(rid)
+            if pending is None or pending.attempt != attempt:
+                return
+            if err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED):
+                # Definitely not in the log: try again in a few ticks if time remains.
+                now = time.monotonic()
+                if now + _RETRY_DELAY_S < pending.deadline:
+                    pending.attempt += 1
+                    pending.retry_at = now + _RETRY_DELAY_S
+                    heapq.heappush(self._retries, (pending.retry_at, rid))
+                    return
+            del self._pending[rid]
+        if err == FAIL_REASON.SUCCESS:
+            if isinstance(result, _ApplyError):
+                self._finish(pending, exc=ApplyFailed(result.text))
+            else:
+                self._finish(pending, result=None if pending.void else result)
+        elif err in (FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME):
+            self._finish(pending, exc=MaybeApplied(f"raft: {_reason(err)}; maybe applied"))
+        else:
+            self._finish(pending, exc=NotApplied(f"raft: {_reason(err)}; not applied"))
+
+    def _on_tick(self) -> None:
+        # Runs on the tick thread at every tick: cheap when nothing is due.
+        now = time.monotonic()
+        expired: list[_Pending] = []
+        due: list[tuple[int, _Pending]] = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, rid = heapq.heappop(self._deadlines)
+                pending = self._pending.pop(rid, None)
+                if pending is not None:
+                    expired.append(pending)
+            while self._retries and self._retries[0][0] <= now:
+                _, rid = heapq.heappop(self._retries)
+                pending = self._pending.get(rid)
+                if pending is not None and pending.retry_at is not None:
+                    pending.retry_at = None
+                    due.append((rid, pending))
+        for pending in expired:
+            self._finish(
+                pending, exc=MaybeApplied("raft: no outcome before the deadline; maybe applied")
+            )
+        for rid, pending in due:
+            self._send(rid, pending)
+
+    def _finish(
+        self, pending: _Pending, *, result: Any = None, exc: BaseException | None = None
+    ) -> None:
+        if pending.done:
+            return
+        pending.done = True
+        try:
+            if exc is not None:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def _apply_total(self, entry: bytes) -> bytes | _ApplyError:
+        # Runs on the tick thread, inside pysyncobj's replicated body: must never raise.
+        try:
+            result = self._apply(entry)
+            if not isinstance(result, bytes):
+                raise TypeError(f"apply returned {type(result).__name__}, not bytes")
+            return result
+        except Exception as e:
+            self._apply_errors += 1
+            logger.exception("raft apply failed for a %d-byte entry; node carries on", len(entry))
+            return _ApplyError(f"{type(e).__name__}: {e}")
+
+    # --- full dump (pysyncobj `serializer` / `deserializer` hooks, tick thread) ----------
+
+    def _write_dump(self, filename: str, raft_data: tuple[Any, Any, Any]) -> None:
+        """pysyncobj calls this with (last applied entry, entry before it, members)."""
+        try:
+            last, prev, cluster = raft_data
+            body = self._snapshot()
+            header = {
+                "version": _DUMP_VERSION,
+                "last": _entry_to_json(last),
+                "prev": _entry_to_json(prev),
+                "members": sorted(str(n) for n in cluster),
+                "snapshot_len": len(body),
+                "snapshot_crc32": zlib.crc32(body),
+            }
+            head = json.dumps(header, separators=(",", ":")).encode()
+            with open(filename, "wb") as f:
+                f.write(_DUMP_MAGIC + struct.pack(">I", len(head)) + head)
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception:
+            logger.exception("raft snapshot failed; the journal is kept")
+            raise
+
+    def _read_dump(self, filename: str) -> tuple[Any, Any, set[Any]]:
+        """Restore our state from a dump and give pysyncobj back its raft metadata."""
+        with open(filename, "rb") as f:
+            data = f.read()
+        if data[: len(_DUMP_MAGIC)] != _DUMP_MAGIC:
+            raise ValueError(f"{filename}: not a Warren raft dump")
+        (hlen,) = struct.unpack_from(">I", data, len(_DUMP_MAGIC))
+        start = len(_DUMP_MAGIC) + 4
+        header = json.loads(data[start : start + hlen])
+        if header.get("version") != _DUMP_VERSION:
+            raise ValueError(f"{filename}: unknown dump version {header.get('version')!r}")
+        body = data[start + hlen :]
+        if len(body) != header["snapshot_len"] or zlib.crc32(body) != header["snapshot_crc32"]:
+            raise ValueError(f"{filename}: snapshot is truncated or corrupt")
+        self._restore(body)
+        members = {TCPNode(m) for m in header["members"]}
+        return _entry_from_json(header["last"]), _entry_from_json(header["prev"]), members
+
+
+def _entry_to_json(entry: Any) -> list[Any]:
+    command, idx, term = entry
+    return [bytes(command).hex(), int(idx), int(term)]
+
+
+def _entry_from_json(raw: list[Any]) -> tuple[bytes, int, int]:
+    return bytes.fromhex(raw[0]), int(raw[1]), int(raw[2])
+
+
+def _reason(err: int) -> str:
+    for name in dir(FAIL_REASON):
+        if not name.startswith("_") and getattr(FAIL_REASON, name) == err:
+            return str(name)
+    return f"error {err}"
