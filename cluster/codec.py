@@ -4,9 +4,10 @@ Rules:
 - One entry is a header `>BBB` (format VERSION, command tag, id code), the optional
   command id, then the command's fields as its layout in `LAYOUTS` lists them: every
   fixed-size field (ints, bools, channel refs) and the byte length of every variable
-  field (strings, bytes, field tables, properties) sit in one struct right after the
-  header's three bytes; the variable fields' bytes follow the id, in layout order. So a
-  command encodes with one `struct.pack` and a join, and decodes with one `unpack_from`.
+  field (strings, bytes, field tables, properties, delivery-tag tuples) sit in one
+  struct right after the header's three bytes; the variable fields' bytes follow the id,
+  in layout order. So a command encodes with one `struct.pack` and a join, and decodes
+  with one `unpack_from`.
 - Tags are the explicit table `TAGS`, never derived from class order or names. A tag, once
   released, keeps its meaning for ever: a new command takes a new number; a removed
   command's number is never reused. Tag 0 is a batch (`encode_batch`).
@@ -72,6 +73,7 @@ TAGS: Mapping[type[c.Command], int] = MappingProxyType(
         c.Ack: 20,
         c.Nack: 21,
         c.Recover: 22,
+        c.AckMany: 23,
     }
 )
 
@@ -84,8 +86,9 @@ STR = "str"  # UTF-8
 BYTES = "bytes"  # raw
 TABLE = "table"  # a field table, every value's type kept
 PROPS = "props"  # Properties
+U64S = "u64s"  # a tuple of unsigned 64-bit ints (delivery tags), 8 bytes each
 _FIXED = {I64: "q", U64: "Q", BOOL: "B", CHANNEL: "qH"}
-_VARIABLE = (STR, BYTES, TABLE, PROPS)
+_VARIABLE = (STR, BYTES, TABLE, PROPS, U64S)
 
 Layout = tuple[tuple[str, str], ...]
 _NOW: tuple[str, str] = ("now_ms", I64)
@@ -200,6 +203,7 @@ LAYOUTS: Mapping[type[c.Command], Layout] = MappingProxyType(
             ("reject", BOOL),
         ),
         c.Recover: (_NOW, ("channel", CHANNEL), ("requeue", BOOL)),
+        c.AckMany: (_NOW, ("channel", CHANNEL), ("delivery_tags", U64S)),
     }
 )
 
@@ -489,8 +493,25 @@ def _props_from(data: bytes, start: int, stop: int) -> Properties:
 
 # ---- commands, driven by their layouts ---------------------------------------------------
 
+
+def _u64s_bytes(values: tuple[int, ...]) -> bytes:
+    if type(values) is not tuple:
+        raise CodecError(f"expected a tuple of delivery tags, got {type(values).__name__}")
+    try:
+        return struct.pack(f">{len(values)}Q", *values)
+    except struct.error as exc:
+        raise CodecError(f"delivery tags out of range: {exc}") from None
+
+
+def _u64s_from(data: bytes, start: int, stop: int) -> tuple[int, ...]:
+    if (stop - start) % 8:
+        raise CodecError("delivery tags: length not a multiple of 8")
+    values: tuple[int, ...] = struct.unpack_from(f">{(stop - start) // 8}Q", data, start)
+    return values
+
+
 _VARIABLE_ENCODERS: Mapping[str, Callable[[Any], bytes]] = MappingProxyType(
-    {STR: _utf8, BYTES: bytes, TABLE: _table_bytes, PROPS: _props_bytes}
+    {STR: _utf8, BYTES: bytes, TABLE: _table_bytes, PROPS: _props_bytes, U64S: _u64s_bytes}
 )
 _VARIABLE_DECODERS: Mapping[str, Callable[[bytes, int, int], Any]] = MappingProxyType(
     {
@@ -498,6 +519,7 @@ _VARIABLE_DECODERS: Mapping[str, Callable[[bytes, int, int], Any]] = MappingProx
         BYTES: lambda data, start, stop: data[start:stop],
         TABLE: _table_from,
         PROPS: _props_from,
+        U64S: _u64s_from,
     }
 )
 

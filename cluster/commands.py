@@ -230,6 +230,16 @@ class Ack(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AckMany(Command):
+    """Consecutive single-tag basic.acks of one channel, applied in order as one command:
+    exactly `Ack(delivery_tag=t)` for each t, stopping at the first unknown tag (its
+    error is the reply; the tags after it are not applied)."""
+
+    channel: ChannelRef
+    delivery_tags: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Nack(Command):
     """basic.nack and basic.reject (reject is Nack with multiple=False, reject=True: the
     flag only selects the method id, 60/90 instead of 60/120, of an unknown-tag error)."""
@@ -271,6 +281,7 @@ AnyCommand = (
     | Cancel
     | Get
     | Ack
+    | AckMany
     | Nack
     | Recover
 )

@@ -94,6 +94,7 @@ class StateMachine:
             c.Cancel: self._cancel,
             c.Get: self._get,
             c.Ack: self._ack,
+            c.AckMany: self._ack_many,
             c.Nack: self._nack,
             c.Recover: self._recover,
         }
@@ -229,6 +230,11 @@ class StateMachine:
     def _ack(self, cmd: c.Ack) -> Outcome:
         effects: list[Effect] = []
         reply = self._broker.ack(cmd.channel, cmd.delivery_tag, cmd.multiple, effects)
+        return Outcome(reply, effects)
+
+    def _ack_many(self, cmd: c.AckMany) -> Outcome:
+        effects: list[Effect] = []
+        reply = self._broker.ack_many(cmd.channel, cmd.delivery_tags, effects)
         return Outcome(reply, effects)
 
     def _nack(self, cmd: c.Nack) -> Outcome:

@@ -503,6 +503,20 @@ class Channel:
         if isinstance(reply, AmqpError):
             self._checked(reply, _ACK)
 
+    def ack_many(self, delivery_tags: tuple[int, ...]) -> None:
+        """Consecutive single-tag basic.acks, as `ack(tag, False)` for each in order: one
+        command outside a transaction; the first unknown tag raises its ChannelError."""
+        if self.tx:
+            for tag in delivery_tags:
+                self.ack(tag, False)
+            return
+        command = cmd.AckMany(
+            now_ms=self.host.now_ms(), channel=self.ref, delivery_tags=delivery_tags
+        )
+        reply = self.host.execute(command)
+        if isinstance(reply, AmqpError):
+            self._checked(reply, _ACK)
+
     def _basic_nack(self, m: spec.Basic.Nack) -> None:
         self._settle(
             cmd.Nack(

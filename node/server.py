@@ -410,6 +410,7 @@ class ClientConnection:
         handlers = self._handlers
         channels = self.channels
         next_event = proto.next_event
+        next_single_ack = proto.next_single_ack
         while True:
             event = next_event()
             if event is None:
@@ -426,11 +427,21 @@ class ClientConnection:
                     if channel.confirm:
                         self._confirming.add(channel)
             elif type(event) is ChannelMethod and type(ack := event.method) is AckMethod:
-                channel = channels.get(event.channel)  # the other hot path: basic.ack
+                number = event.channel  # the other hot path: basic.ack
+                channel = channels.get(number)
                 if channel is None:
                     continue
+                # Consumers ack one tag at a time: the single-tag acks of this channel that
+                # come right after this one go with it as one command (Channel.ack_many).
+                more = None if ack.multiple else next_single_ack(number)
                 try:
-                    channel.ack(ack.delivery_tag, ack.multiple)
+                    if more is None:
+                        channel.ack(ack.delivery_tag, ack.multiple)
+                    else:
+                        run = [ack.delivery_tag, more]
+                        while (more := next_single_ack(number)) is not None:
+                            run.append(more)
+                        channel.ack_many(tuple(run))
                 except ChannelError as exc:
                     self._fail(channel, exc.error)
                 else:

@@ -1176,6 +1176,31 @@ class Broker:
         self._finish(channel, entries, False, effects, dead_letter=False)
         return OK
 
+    def ack_many(self, ref: ChannelRef, tags: Sequence[int], effects: list[Effect]) -> Reply:
+        """`ack(ref, tag, False, effects)` for each tag in order, stopping at the first
+        unknown tag: its error is the reply, the tags after it are not applied."""
+        channel = self.channels.get(ref) or self._channel(ref)
+        pop = channel.unacked.pop
+        for tag in tags:
+            # The body of ack's one-tag path, per tag (same effects in the same order).
+            entry = pop(tag, None)
+            if entry is None:
+                return errors.unknown_tag(tag, Method.BASIC_ACK)
+            queue, message, consumer = entry
+            if not queue.deleted:
+                size = len(message.body)
+                queue.unacked_count -= 1
+                queue.unacked_bytes -= size
+                self.total_bytes -= size
+            if consumer is not None:
+                consumer.unacked -= 1
+                channel.consumer_unacked -= 1
+                if channel.global_prefetch and (len(channel.consumers) > 1 or not consumer.active):
+                    self._dispatch_channel(channel, effects)
+                elif consumer.active and (queue.returned or queue.ready):
+                    self._dispatch(queue, effects)
+        return OK
+
     def nack(
         self,
         ref: ChannelRef,

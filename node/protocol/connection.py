@@ -131,6 +131,8 @@ _U32 = struct.Struct(">I")
 _FRAME_HEAD = struct.Struct(">BHI")
 _HEADER_FRAME_HEAD = struct.Struct(">BHIHHQ")  # frame head + class, weight, body size
 _FRAME_END = 0xCE
+_ACK_FRAME_HEAD = struct.Struct(">BHII")  # frame head + method id of a basic.ack frame
+_ACK_FRAME_SIZE = 21  # 7 head + 4 method id + 8 delivery tag + 1 bits + frame end
 
 
 class ConnectionState(enum.Enum):
@@ -376,6 +378,29 @@ class ServerConnection:
                 log.exception("internal error while handling AMQP input")
                 self._fail(ProtocolError(INTERNAL_ERROR, "INTERNAL_ERROR"))
         return events.popleft()
+
+    def next_single_ack(self, channel: int) -> int | None:
+        """The delivery tag of the next frame when, with no event pending, it is a whole
+        single-tag basic.ack (multiple=false) on open `channel`: the frame is consumed, as
+        `next_event` would have (no event is made). Otherwise None and nothing consumed.
+        Lets the shell apply a run of consecutive acks as one command."""
+        if self._events or self.state is not _OPEN or self._channels.get(channel) is not True:
+            return None
+        decoder = self._decoder
+        buf = decoder.buffer
+        pos = len(buf) - decoder.buffered
+        if (
+            len(buf) - pos < _ACK_FRAME_SIZE
+            or channel in self._pending
+            or _ACK_FRAME_HEAD.unpack_from(buf, pos) != (FRAME_METHOD, channel, 13, _BASIC_ACK)
+            or buf[pos + _ACK_FRAME_SIZE - 1] != _FRAME_END
+            or buf[pos + _ACK_FRAME_SIZE - 2] & 1
+        ):
+            return None
+        raw = decoder.next_raw()
+        assert raw is not None
+        tag: int = parse_ack(buf, raw[2] + 4, raw[3])[0]
+        return tag
 
     def data_to_send(self) -> bytes:
         """Everything queued for the socket since the last call."""

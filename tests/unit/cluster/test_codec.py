@@ -105,7 +105,10 @@ BY_ANNOTATION: dict[str, st.SearchStrategy[Any]] = {
     "ChannelRef": st.builds(ChannelRef, I64, st.integers(0, 65535)),
     "Properties": PROPERTIES,
 }
-BY_NAME: dict[str, st.SearchStrategy[Any]] = {"delivery_tag": U64}
+BY_NAME: dict[str, st.SearchStrategy[Any]] = {
+    "delivery_tag": U64,
+    "delivery_tags": st.lists(U64, max_size=8).map(tuple),
+}
 IDS = st.none() | st.binary(max_size=codec.MAX_ID_LENGTH)
 
 
