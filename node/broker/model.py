@@ -1152,24 +1152,7 @@ class Broker:
     def ack(self, ref: ChannelRef, tag: int, multiple: bool, effects: list[Effect]) -> Reply:
         channel = self.channels.get(ref) or self._channel(ref)
         if not multiple:
-            # The hot path: one tag, one message.
-            entry = channel.unacked.pop(tag, None)
-            if entry is None:
-                return errors.unknown_tag(tag, Method.BASIC_ACK)
-            queue, message, consumer = entry
-            if not queue.deleted:
-                size = len(message.body)
-                queue.unacked_count -= 1
-                queue.unacked_bytes -= size
-                self.total_bytes -= size
-            if consumer is not None:
-                consumer.unacked -= 1
-                channel.consumer_unacked -= 1
-                if channel.global_prefetch and (len(channel.consumers) > 1 or not consumer.active):
-                    self._dispatch_channel(channel, effects)
-                elif consumer.active and (queue.returned or queue.ready):
-                    self._dispatch(queue, effects)
-            return OK
+            return self._ack_one(channel, tag, effects)
         entries = self._collect(channel, tag, multiple)
         if entries is None:
             return errors.unknown_tag(tag, Method.BASIC_ACK)
@@ -1180,25 +1163,30 @@ class Broker:
         """`ack(ref, tag, False, effects)` for each tag in order, stopping at the first
         unknown tag: its error is the reply, the tags after it are not applied."""
         channel = self.channels.get(ref) or self._channel(ref)
-        pop = channel.unacked.pop
         for tag in tags:
-            # The body of ack's one-tag path, per tag (same effects in the same order).
-            entry = pop(tag, None)
-            if entry is None:
-                return errors.unknown_tag(tag, Method.BASIC_ACK)
-            queue, message, consumer = entry
-            if not queue.deleted:
-                size = len(message.body)
-                queue.unacked_count -= 1
-                queue.unacked_bytes -= size
-                self.total_bytes -= size
-            if consumer is not None:
-                consumer.unacked -= 1
-                channel.consumer_unacked -= 1
-                if channel.global_prefetch and (len(channel.consumers) > 1 or not consumer.active):
-                    self._dispatch_channel(channel, effects)
-                elif consumer.active and (queue.returned or queue.ready):
-                    self._dispatch(queue, effects)
+            reply = self._ack_one(channel, tag, effects)
+            if reply is not OK:
+                return reply
+        return OK
+
+    def _ack_one(self, channel: Channel, tag: int, effects: list[Effect]) -> Reply:
+        """The hot path: one tag, one message settled, then whatever it frees delivered."""
+        entry = channel.unacked.pop(tag, None)
+        if entry is None:
+            return errors.unknown_tag(tag, Method.BASIC_ACK)
+        queue, message, consumer = entry
+        if not queue.deleted:
+            size = len(message.body)
+            queue.unacked_count -= 1
+            queue.unacked_bytes -= size
+            self.total_bytes -= size
+        if consumer is not None:
+            consumer.unacked -= 1
+            channel.consumer_unacked -= 1
+            if channel.global_prefetch and (len(channel.consumers) > 1 or not consumer.active):
+                self._dispatch_channel(channel, effects)
+            elif consumer.active and (queue.returned or queue.ready):
+                self._dispatch(queue, effects)
         return OK
 
     def nack(
