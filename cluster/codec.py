@@ -74,6 +74,11 @@ TAGS: Mapping[type[c.Command], int] = MappingProxyType(
         c.Nack: 21,
         c.Recover: 22,
         c.AckMany: 23,
+        c.SetLeader: 24,
+        c.Member: 25,
+        c.NodeDown: 26,
+        c.NodeUp: 27,
+        c.ForgetMember: 28,
     }
 )
 
@@ -204,6 +209,24 @@ LAYOUTS: Mapping[type[c.Command], Layout] = MappingProxyType(
         ),
         c.Recover: (_NOW, ("channel", CHANNEL), ("requeue", BOOL)),
         c.AckMany: (_NOW, ("channel", CHANNEL), ("delivery_tags", U64S)),
+        c.SetLeader: (
+            _NOW,
+            ("vhost", STR),
+            ("queue", STR),
+            ("leader", STR),
+            ("expect", STR),
+        ),
+        c.Member: (
+            _NOW,
+            ("name", STR),
+            ("raft", STR),
+            ("link", STR),
+            ("amqp", STR),
+            ("management", STR),
+        ),
+        c.NodeDown: (_NOW, ("node", STR)),
+        c.NodeUp: (_NOW, ("node", STR)),
+        c.ForgetMember: (_NOW, ("node", STR)),
     }
 )
 

@@ -260,6 +260,57 @@ class Recover(Command):
     requeue: bool = True
 
 
+# ---- cluster -------------------------------------------------------------------------
+# Replicated through Raft and applied on every node in log order (see cluster.state).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetLeader(Command):
+    """`queue` is led by node `leader` from now on, provided it is led by `expect` now
+    ("" = by nobody yet: a new queue's placement), so a stale move is a no-op."""
+
+    vhost: str
+    queue: str
+    leader: str
+    expect: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member(Command):
+    """A node announces itself (at every start): its name and the addresses other nodes
+    and clients reach it at ("host:port"). It counts as alive from now on."""
+
+    name: str
+    raft: str
+    link: str = ""
+    amqp: str = ""
+    management: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeDown(Command):
+    """The Raft leader lost `node`: its exclusive queues go, every other queue it led is
+    placed on a live node (the least loaded), which starts it empty (transient
+    messages die with their node, as in RabbitMQ)."""
+
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeUp(Command):
+    """`node` is reachable again: it may lead queues again (they do not move back by
+    themselves: `warren ctl rebalance` does that)."""
+
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForgetMember(Command):
+    """`node` left the cluster (remove-member): as NodeDown, then it is forgotten."""
+
+    node: str
+
+
 AnyCommand = (
     OpenChannel
     | CloseChannel
@@ -284,6 +335,11 @@ AnyCommand = (
     | AckMany
     | Nack
     | Recover
+    | SetLeader
+    | Member
+    | NodeDown
+    | NodeUp
+    | ForgetMember
 )
 
 

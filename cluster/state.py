@@ -27,38 +27,71 @@ This module imports only the broker model and the commands: no anyio, no pysynco
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster import commands as c
+from cluster import placement
 from node.broker import snapshot as snapshots
 from node.broker import views
 from node.broker.deadletter import HeaderRewriter
 from node.broker.errors import NOT_IMPLEMENTED
 from node.broker.exchange_type import ExchangeType
 from node.broker.model import DEFAULT_VHOST, EXPIRE_BUDGET, Broker
-from node.broker.types import AmqpError, ChannelRef, Effect, Outcome
+from node.broker.types import AmqpError, ChannelRef, Effect, Ok, Outcome, Reply
+
+OK = Ok()
 
 SNAPSHOT_FORMAT = "warren-state"
+TOPOLOGY_FORMAT = "warren-topology"
+TOPOLOGY_VERSION = 1
+# Command ids remembered for de-duplication (a retried Raft submission applies once):
+# more than can be in flight, and part of the replicated state.
+DEDUP_WINDOW = 50_000
 
 _Handler = Callable[[Any], Outcome]
 
 
-class StateMachine:
-    """One broker's state. Drive it only through `apply`; read it through the helpers."""
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """A cluster member as the replicated state knows it; addresses are "host:port"."""
 
-    __slots__ = ("_broker", "_handlers")
+    name: str
+    raft: str
+    link: str = ""
+    amqp: str = ""
+    management: str = ""
+    alive: bool = True
+
+
+class StateMachine:
+    """One broker's state. Drive it only through `apply`; read it through the helpers.
+
+    In a cluster (`node_name` set) every node holds one: topology commands and the
+    cluster commands (SetLeader, Member, NodeDown, NodeUp, ForgetMember) come from the
+    Raft log in the same order on every node (`apply_logged`), and each node's machine
+    also takes the commands of the connections it serves, for the queues it leads."""
+
+    __slots__ = ("_applied_ids", "_broker", "_handlers", "members", "node_name")
 
     def __init__(
         self,
         vhosts: Sequence[str] = (DEFAULT_VHOST,),
         exchange_types: Mapping[str, ExchangeType] | None = None,
         rewrite_headers: HeaderRewriter | None = None,
+        node_name: str = "",
     ) -> None:
+        self.node_name = node_name
+        self.members: dict[str, MemberInfo] = {}
+        self._applied_ids: OrderedDict[bytes, None] = OrderedDict()
         self._attach(Broker(vhosts, exchange_types, rewrite_headers))
 
     def _attach(self, broker: Broker) -> None:
         self._broker = b = broker
+        b.node_name = self.node_name
+        b.clustered = bool(self.node_name)
         self._handlers: dict[type, _Handler] = {
             c.OpenChannel: lambda cmd: Outcome(b.open_channel(cmd.channel)),
             c.CloseChannel: self._close_channel,
@@ -97,6 +130,11 @@ class StateMachine:
             c.AckMany: self._ack_many,
             c.Nack: self._nack,
             c.Recover: self._recover,
+            c.SetLeader: self._set_leader,
+            c.Member: self._member,
+            c.NodeDown: self._node_down,
+            c.NodeUp: self._node_up,
+            c.ForgetMember: self._forget_member,
         }
 
     # ---- the one entry point -----------------------------------------------------------
@@ -112,6 +150,165 @@ class StateMachine:
             broker.now_ms = cmd.now_ms  # the model's clock never goes back
         broker.expire_budget = EXPIRE_BUDGET  # (Broker.begin, inlined: the hot path)
         return handler(cmd)
+
+    def apply_logged(
+        self, entries: Sequence[tuple[c.AnyCommand, bytes | None]]
+    ) -> list[Outcome | None]:
+        """One Raft log entry's commands, in order; None for a command whose id was
+        applied before (a retried submission)."""
+        seen = self._applied_ids
+        outcomes: list[Outcome | None] = []
+        for command, command_id in entries:
+            if command_id is not None:
+                if command_id in seen:
+                    outcomes.append(None)
+                    continue
+                seen[command_id] = None
+                if len(seen) > DEDUP_WINDOW:
+                    seen.popitem(last=False)
+            outcomes.append(self.apply(command))
+        return outcomes
+
+    # ---- cluster -----------------------------------------------------------------------
+
+    def _set_leader(self, cmd: c.SetLeader) -> Outcome:
+        vh = self._broker.vhosts.get(cmd.vhost)
+        queue = vh.queues.get(cmd.queue) if vh is not None else None
+        effects: list[Effect] = []
+        if queue is not None and queue.leader == cmd.expect:
+            leader = cmd.leader
+            member = self.members.get(leader)
+            if member is None or not member.alive:
+                # Placed on a node that died meanwhile: the least loaded live one instead.
+                leader = placement.least_loaded(self.alive(), self.leader_counts()) or leader
+            self._broker.set_leader(cmd.vhost, cmd.queue, leader, effects)
+        return Outcome(OK, effects)
+
+    def _member(self, cmd: c.Member) -> Outcome:
+        self.members[cmd.name] = MemberInfo(
+            cmd.name, cmd.raft, cmd.link, cmd.amqp, cmd.management, alive=True
+        )
+        return Outcome(OK)
+
+    def _node_up(self, cmd: c.NodeUp) -> Outcome:
+        member = self.members.get(cmd.node)
+        if member is not None and not member.alive:
+            self.members[cmd.node] = replace(member, alive=True)
+        return Outcome(OK)
+
+    def _node_down(self, cmd: c.NodeDown) -> Outcome:
+        member = self.members.get(cmd.node)
+        effects: list[Effect] = []
+        if member is not None and member.alive:
+            self.members[cmd.node] = replace(member, alive=False)
+            self._evacuate(cmd.node, effects)
+        return Outcome(OK, effects)
+
+    def _forget_member(self, cmd: c.ForgetMember) -> Outcome:
+        effects: list[Effect] = []
+        if self.members.pop(cmd.node, None) is not None:
+            self._evacuate(cmd.node, effects)
+        return Outcome(OK, effects)
+
+    def _evacuate(self, node: str, effects: list[Effect]) -> None:
+        """Every queue `node` led: exclusive ones go with it, the others move to the least
+        loaded live node (in declaration order, so every replica moves the same way)."""
+        broker = self._broker
+        load = self.leader_counts()
+        alive = self.alive()
+        for vh in list(broker.vhosts.values()):
+            for queue in list(vh.queues.values()):
+                if queue.leader != node:
+                    continue
+                if queue.exclusive:
+                    broker.delete_queue(
+                        vh.name,
+                        queue.name,
+                        queue.owner or 0,
+                        if_unused=False,
+                        if_empty=False,
+                        effects=effects,
+                    )
+                    continue
+                target = placement.least_loaded(alive, load)
+                if target is None:
+                    continue  # nobody left: it waits for a node to come back
+                load[target] = load.get(target, 0) + 1
+                broker.set_leader(vh.name, queue.name, target, effects)
+
+    def alive(self) -> list[str]:
+        """Live members, by name."""
+        return sorted(name for name, m in self.members.items() if m.alive)
+
+    def leader_counts(self) -> dict[str, int]:
+        """Queues led per member (members leading none included)."""
+        counts = dict.fromkeys(self.members, 0)
+        for vh in self._broker.vhosts.values():
+            for queue in vh.queues.values():
+                if queue.leader:
+                    counts[queue.leader] = counts.get(queue.leader, 0) + 1
+        return counts
+
+    def leader_of(self, vhost: str, name: str) -> str | None:
+        """The node leading a queue ("" outside a cluster), None when there is none."""
+        vh = self._broker.vhosts.get(vhost)
+        queue = vh.queues.get(name) if vh is not None else None
+        return None if queue is None else queue.leader
+
+    def queue_leaders(self) -> list[tuple[str, str, str, bool]]:
+        """(vhost, queue, leader, exclusive) of every queue, in declaration order."""
+        return [
+            (vh.name, q.name, q.leader, q.exclusive)
+            for vh in self._broker.vhosts.values()
+            for q in vh.queues.values()
+        ]
+
+    # ---- cluster: the node's own side (not replicated) -----------------------------------
+
+    def enqueue_forwarded(
+        self, publish: c.Publish, queues: Sequence[str]
+    ) -> tuple[bool, list[Effect]]:
+        """A message another node routed to `queues` led here: (accepted, effects)."""
+        broker = self._broker
+        if publish.now_ms > broker.now_ms:
+            broker.now_ms = publish.now_ms
+        broker.expire_budget = EXPIRE_BUDGET
+        effects: list[Effect] = []
+        accepted = broker.enqueue_forwarded(
+            publish.vhost,
+            queues,
+            publish.exchange,
+            publish.routing_key,
+            publish.properties,
+            publish.props,
+            publish.body,
+            publish.now_ms,
+            effects,
+        )
+        return accepted, effects
+
+    def external_delivery(
+        self, ref: ChannelRef, vhost: str, queue: str, leader_tag: int, message: Any, no_ack: bool
+    ) -> int:
+        """This channel's delivery tag for a delivery another node's queue made to it."""
+        return self._broker.external_delivery(ref, vhost, queue, leader_tag, message, no_ack)
+
+    def check_delete(self, cmd: c.DeleteQueue) -> Reply:
+        return self._broker.check_delete(
+            cmd.vhost, cmd.queue, cmd.owner, if_unused=cmd.if_unused, if_empty=cmd.if_empty
+        )
+
+    def queue_counts(self, vhost: str, name: str) -> tuple[int, int] | None:
+        return self._broker.queue_counts(vhost, name)
+
+    def has_consumer(self, ref: ChannelRef, tag: str) -> bool:
+        channel = self._broker.channels.get(ref)
+        return channel is not None and tag in channel.consumers
+
+    def channel_prefetch(self, ref: ChannelRef) -> tuple[int, int]:
+        """(per-consumer prefetch for new consumers, channel-wide prefetch)."""
+        channel = self._broker.channels.get(ref)
+        return (0, 0) if channel is None else (channel.prefetch, channel.global_prefetch)
 
     # ---- handlers that produce effects -------------------------------------------------
 
@@ -289,6 +486,55 @@ class StateMachine:
         document = {"format": SNAPSHOT_FORMAT, **snapshots.dump(self._broker)}
         return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
+    def topology_snapshot(self) -> bytes:
+        """The replicated part of the state, for Raft snapshots: topology, queue leaders,
+        members and the de-duplication window; no messages, no connection state."""
+        document = {
+            "format": TOPOLOGY_FORMAT,
+            "version": TOPOLOGY_VERSION,
+            "broker": snapshots.dump(self._broker, messages=False),
+            "members": [
+                [m.name, m.raft, m.link, m.amqp, m.management, m.alive]
+                for m in self.members.values()
+            ],
+            "applied_ids": [i.hex() for i in self._applied_ids],
+        }
+        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+    @classmethod
+    def restore_topology(
+        cls,
+        data: bytes,
+        node_name: str,
+        exchange_types: Mapping[str, ExchangeType] | None = None,
+        rewrite_headers: HeaderRewriter | None = None,
+    ) -> StateMachine:
+        """A new machine for `node_name` holding what `topology_snapshot` wrote: every
+        queue empty, led by whom the snapshot says."""
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise snapshots.SnapshotError(f"not a topology snapshot: {exc}") from exc
+        if not isinstance(document, dict) or document.get("format") != TOPOLOGY_FORMAT:
+            raise snapshots.SnapshotError("not a warren topology snapshot")
+        if document.get("version") != TOPOLOGY_VERSION:
+            raise snapshots.SnapshotError(f"unknown topology version {document.get('version')}")
+        machine = cls.__new__(cls)
+        machine.node_name = node_name
+        machine.members = {
+            m[0]: MemberInfo(m[0], m[1], m[2], m[3], m[4], bool(m[5])) for m in document["members"]
+        }
+        machine._applied_ids = OrderedDict(
+            (bytes.fromhex(i), None) for i in document["applied_ids"]
+        )
+        broker = snapshots.load(document["broker"], exchange_types)
+        broker.rewrite_headers = rewrite_headers
+        for vh in broker.vhosts.values():
+            for queue in vh.queues.values():
+                queue.remote = bool(queue.leader) and queue.leader != node_name
+        machine._attach(broker)
+        return machine
+
     @classmethod
     def restore(
         cls,
@@ -305,6 +551,9 @@ class StateMachine:
         if not isinstance(document, dict) or document.get("format") != SNAPSHOT_FORMAT:
             raise snapshots.SnapshotError("not a warren state snapshot")
         machine = cls.__new__(cls)
+        machine.node_name = ""
+        machine.members = {}
+        machine._applied_ids = OrderedDict()
         broker = snapshots.load(document, exchange_types)
         broker.rewrite_headers = rewrite_headers
         machine._attach(broker)

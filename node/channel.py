@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pamqp import commands as spec
 
 from cluster import commands as cmd
+from cluster import placement, wire
+from cluster.state import StateMachine
+from node.broker import errors
 from node.broker.reply_to import NO_CONSUMER, REPLY_QUEUE
 from node.broker.types import (
     AmqpError,
@@ -25,6 +29,8 @@ from node.broker.types import (
     Count,
     GetEmpty,
     GetOk,
+    Ok,
+    Outcome,
     QueueDeclared,
     Reply,
     Routed,
@@ -34,6 +40,10 @@ from node.protocol.codec import AckMethod, decode_properties, peek_properties
 from node.protocol.connection import ChannelContent, ServerConnection
 from node.protocol.properties import reply_to_of, with_reply_to
 
+if TYPE_CHECKING:
+    from cluster.node import ClusterNode
+
+OK_REPLY = Ok()
 NOT_IMPLEMENTED = 540
 PRECONDITION_FAILED = 406
 NOT_FOUND = 404
@@ -59,13 +69,35 @@ class Host(Protocol):
     vhost: str
     user: str
     proto: ServerConnection
+    cluster: ClusterNode | None
 
     execute: Callable[[cmd.AnyCommand], Reply]
     reply_address: Callable[[ChannelRef], str | None]
 
+    @property
+    def state(self) -> StateMachine: ...
+
     def now_ms(self) -> int: ...
 
     def note_publish(self) -> None: ...
+
+    def run_async(
+        self, channel: Channel, op: Callable[[], Awaitable[Any]], done: Callable[[Any], None]
+    ) -> None: ...
+
+
+class RemoteConsumer:
+    """A consumer of this channel attached at the queue's leader, another node."""
+
+    __slots__ = ("early", "no_ack", "node", "pending", "queue", "vhost")
+
+    def __init__(self, node: str, vhost: str, queue: str, no_ack: bool) -> None:
+        self.node = node
+        self.vhost = vhost
+        self.queue = queue
+        self.no_ack = no_ack
+        self.pending = True  # until consume-ok went to the client
+        self.early: list[wire.Delivery] = []  # deliveries that beat the consume-ok
 
 
 def _ids(method: Any) -> tuple[int, int]:
@@ -90,11 +122,18 @@ class Channel:
         "_handlers",
         "_last_queue",
         "_nacked",
+        "_pending",
+        "_pending_at",
         "_tx_buffer",
+        "backlog",
+        "busy",
+        "closed",
         "confirm",
         "host",
         "number",
+        "proxies",
         "ref",
+        "remote_consumers",
         "tx",
     )
 
@@ -109,6 +148,16 @@ class Channel:
         self._nacked: set[int] = set()  # sequence numbers to nack at the next flush
         self._tx_buffer: list[cmd.Publish | cmd.Ack | cmd.Nack] = []
         self._last_queue = ""
+        # Cluster: a method waiting for a round trip makes the channel busy; the methods
+        # after it wait in `backlog` (AMQP answers a channel's methods in order).
+        self.busy = False
+        self.closed = False
+        self.backlog: deque[Any] = deque()
+        self.proxies: set[str] = set()  # nodes holding a proxy of this channel
+        self.remote_consumers: dict[str, RemoteConsumer] = {}
+        # Confirms waiting for queue leaders: sequence number -> leaders still to answer.
+        self._pending: dict[int, int] = {}
+        self._pending_at: dict[str, set[int]] = {}
         self._handlers: dict[type, Callable[[Any], None]] = {
             spec.Exchange.Declare: self._exchange_declare,
             spec.Exchange.Delete: self._exchange_delete,
@@ -200,21 +249,24 @@ class Channel:
     def flush_confirms(self) -> None:
         """Send basic.ack for every confirmed publish: one multiple=true ack when several
         contiguous sequence numbers are due, as RabbitMQ does."""
-        due = self._confirm_count - self._confirm_sent
+        upto = self._confirm_count
+        if self._pending:  # queue leaders still to answer: confirm up to the first
+            upto = min(self._pending) - 1
+        due = upto - self._confirm_sent
         if due <= 0:
             return
         proto = self.host.proto
         if not self._nacked:
-            proto.send_ack(self.number, self._confirm_count, due > 1)
+            proto.send_ack(self.number, upto, due > 1)
         else:
             # Rare: some publishes were refused. Confirm one by one, in order.
-            for seq in range(self._confirm_sent + 1, self._confirm_count + 1):
+            for seq in range(self._confirm_sent + 1, upto + 1):
                 if seq in self._nacked:
+                    self._nacked.discard(seq)
                     proto.send_method(self.number, spec.Basic.Nack(seq, False, False))
                 else:
                     proto.send_ack(self.number, seq, False)
-            self._nacked.clear()
-        self._confirm_sent = self._confirm_count
+        self._confirm_sent = upto
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -254,43 +306,193 @@ class Channel:
                 command.properties,
                 command.body,
             )
+        seq = 0
         if self.confirm:
-            self._confirm_count += 1
+            self._confirm_count = seq = self._confirm_count + 1
             if isinstance(reply, Routed) and reply.rejected:
-                self._nacked.add(self._confirm_count)
+                self._nacked.add(seq)
+        if isinstance(reply, Routed) and reply.remote:
+            self._forward(command, reply.remote, seq)
+
+    # ---- cluster: forwarding and remote consumers --------------------------------------
+
+    def _forward(self, command: cmd.Publish, queues: tuple[Any, ...], seq: int) -> None:
+        """Hand the message to the leaders of its target queues led elsewhere, once per
+        leader; with confirms, the publisher's ack waits for every leader's answer."""
+        cluster = self.host.cluster
+        assert cluster is not None
+        by_leader: dict[str, list[str]] = {}
+        for queue in queues:
+            by_leader.setdefault(queue.leader, []).append(queue.name)
+        for leader, names in by_leader.items():
+            if not cluster.forward(leader, tuple(names), command, seq):
+                if seq:
+                    self._nacked.add(seq)  # its leader is unreachable: not taken
+                continue
+            if seq:
+                self._pending[seq] = self._pending.get(seq, 0) + 1
+                self._pending_at.setdefault(leader, set()).add(seq)
+
+    def remote_confirmed(self, node: str, seq: int, ok: bool) -> None:
+        waiting = self._pending_at.get(node)
+        if waiting is None or seq not in waiting:
+            return
+        waiting.discard(seq)
+        self._settle_pending(seq, ok)
+        self.flush_confirms()
+
+    def _settle_pending(self, seq: int, ok: bool) -> None:
+        if not ok:
+            self._nacked.add(seq)
+        left = self._pending.get(seq, 0) - 1
+        if left > 0:
+            self._pending[seq] = left
+        else:
+            self._pending.pop(seq, None)
+
+    def remote_delivery(self, d: wire.Delivery) -> bool:
+        """A delivery of a remote consumer of this channel; False if it has none by that
+        tag (cancelled meanwhile: the leader takes the message back)."""
+        rc = self.remote_consumers.get(d.consumer_tag)
+        if rc is None:
+            return False
+        if rc.pending:
+            rc.early.append(d)
+            return True
+        self._deliver_remote(rc, d)
+        return True
+
+    def _deliver_remote(self, rc: RemoteConsumer, d: wire.Delivery) -> None:
+        tag = self.host.state.external_delivery(
+            self.ref, rc.vhost, rc.queue, d.delivery_tag, wire.delivered_message(d), rc.no_ack
+        )
+        self.host.proto.send_deliver(
+            self.number,
+            d.consumer_tag,
+            tag,
+            d.redelivered,
+            d.exchange,
+            d.routing_key,
+            d.properties,
+            d.body,
+        )
+
+    def drop_remote_consumer(self, tag: str, *, notify: bool) -> bool:
+        """Forget a remote consumer; `notify` sends the client basic.cancel (RabbitMQ's
+        consumer_cancel_notify: clients re-subscribe on it)."""
+        if self.remote_consumers.pop(tag, None) is None:
+            return False
+        if notify and not self.closed:
+            self._send(spec.Basic.Cancel(tag, True))
+        return True
+
+    def peer_lost(self, node: str) -> bool:
+        """`node` is unreachable: cancel the consumers attached there, nack the confirms
+        it still owed. True when something was sent to the client."""
+        touched = False
+        for tag, rc in list(self.remote_consumers.items()):
+            if rc.node == node:
+                touched = self.drop_remote_consumer(tag, notify=True) or touched
+        for seq in self._pending_at.pop(node, set()):
+            self._settle_pending(seq, False)
+            touched = True
+        self.proxies.discard(node)
+        if touched and self.confirm:
+            self.flush_confirms()
+        return touched
+
+    def check_remote_consumers(self) -> bool:
+        """After queues moved: cancel remote consumers whose queue is led elsewhere now."""
+        state = self.host.state
+        touched = False
+        for tag, rc in list(self.remote_consumers.items()):
+            if state.leader_of(rc.vhost, rc.queue) != rc.node:
+                touched = self.drop_remote_consumer(tag, notify=True) or touched
+        return touched
+
+    def _remote_leader(self, queue: str) -> str | None:
+        """The queue's leader when it is another node (None: local, or no cluster)."""
+        cluster = self.host.cluster
+        if cluster is None:
+            return None
+        leader = self.host.state.leader_of(self.host.vhost, queue)
+        return leader if leader and leader != cluster.name else None
+
+    def _round_trip(
+        self, method: Any, op: Callable[[], Awaitable[Any]], done: Callable[[Any], None]
+    ) -> None:
+        """Run `op` (it needs the cluster) and answer with `done(result)`; failures close
+        the channel with the error they carry."""
+
+        def finish(result: Any) -> None:
+            from cluster.node import ClusterUnavailable
+
+            if isinstance(result, ClusterUnavailable):
+                result = result.error
+            elif isinstance(result, BaseException):
+                text = f"INTERNAL_ERROR - cluster request failed: {type(result).__name__}"
+                if isinstance(result, ConnectionError | TimeoutError):
+                    text = "NOT_FOUND - the queue's leader node is down or inaccessible"
+                    result = AmqpError(NOT_FOUND, text)
+                else:
+                    result = AmqpError(541, text, connection=True)
+            if isinstance(result, Outcome):
+                result = result.reply
+            done(self._checked(result, method))
+
+        self.host.run_async(self, op, finish)
+
+    def _change(self, command: cmd.AnyCommand, method: Any, ok: Callable[[Reply], None]) -> None:
+        """A topology change: applied here, or replicated through the cluster (then `ok`
+        runs once every reachable node has applied it)."""
+        cluster = self.host.cluster
+        if cluster is None:
+            ok(self._run(command, method))
+            return
+
+        async def op() -> Reply:
+            outcome = (await cluster.replicate([command]))[0]
+            return OK_REPLY if outcome is None else outcome.reply
+
+        self._round_trip(method, op, ok)
 
     # ---- exchange ----------------------------------------------------------------------
 
     def _exchange_declare(self, m: spec.Exchange.Declare) -> None:
-        self._run(
-            cmd.DeclareExchange(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                exchange=m.exchange,
-                type=m.exchange_type,
-                passive=m.passive,
-                durable=m.durable,
-                auto_delete=m.auto_delete,
-                internal=m.internal,
-                arguments=m.arguments or {},
-            ),
-            m,
+        command = cmd.DeclareExchange(
+            now_ms=self.host.now_ms(),
+            vhost=self.host.vhost,
+            exchange=m.exchange,
+            type=m.exchange_type,
+            passive=m.passive,
+            durable=m.durable,
+            auto_delete=m.auto_delete,
+            internal=m.internal,
+            arguments=m.arguments or {},
         )
-        if not m.nowait:
-            self._send(spec.Exchange.DeclareOk())
+
+        def ok(_: Reply) -> None:
+            if not m.nowait:
+                self._send(spec.Exchange.DeclareOk())
+
+        if m.passive:  # a read: this node's copy of the topology answers
+            ok(self._run(command, m))
+        else:
+            self._change(command, m, ok)
 
     def _exchange_delete(self, m: spec.Exchange.Delete) -> None:
-        self._run(
-            cmd.DeleteExchange(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                exchange=m.exchange,
-                if_unused=m.if_unused,
-            ),
-            m,
+        command = cmd.DeleteExchange(
+            now_ms=self.host.now_ms(),
+            vhost=self.host.vhost,
+            exchange=m.exchange,
+            if_unused=m.if_unused,
         )
-        if not m.nowait:
-            self._send(spec.Exchange.DeleteOk())
+
+        def ok(_: Reply) -> None:
+            if not m.nowait:
+                self._send(spec.Exchange.DeleteOk())
+
+        self._change(command, m, ok)
 
     def _exchange_bind(self, m: spec.Exchange.Bind) -> None:
         self._exchange_binding(m, cmd.BindExchange, spec.Exchange.BindOk())
@@ -304,7 +506,11 @@ class Channel:
         command: type[cmd.BindExchange | cmd.UnbindExchange],
         ok: Any,
     ) -> None:
-        self._run(
+        def done(_: Reply) -> None:
+            if not m.nowait:
+                self._send(ok)
+
+        self._change(
             command(
                 now_ms=self.host.now_ms(),
                 vhost=self.host.vhost,
@@ -314,9 +520,8 @@ class Channel:
                 arguments=m.arguments or {},
             ),
             m,
+            done,
         )
-        if not m.nowait:
-            self._send(ok)
 
     # ---- queue -------------------------------------------------------------------------
 
@@ -324,44 +529,107 @@ class Channel:
         name = m.queue
         if not name:
             name = self._queue_name("", m) if m.passive else generate_name("amq.gen-")
-        reply = self._run(
-            cmd.DeclareQueue(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                queue=name,
-                owner=self.host.conn_id,
-                passive=m.passive,
-                durable=m.durable,
-                exclusive=m.exclusive,
-                auto_delete=m.auto_delete,
-                arguments=m.arguments or {},
-                server_named=not m.queue and not m.passive,
-            ),
-            m,
+        command = cmd.DeclareQueue(
+            now_ms=self.host.now_ms(),
+            vhost=self.host.vhost,
+            queue=name,
+            owner=self.host.conn_id,
+            passive=m.passive,
+            durable=m.durable,
+            exclusive=m.exclusive,
+            auto_delete=m.auto_delete,
+            arguments=m.arguments or {},
+            server_named=not m.queue and not m.passive,
         )
+
+        def ok(reply: Reply) -> None:
+            assert isinstance(reply, QueueDeclared)
+            self._last_queue = reply.queue
+            if not m.nowait:
+                self._send(
+                    spec.Queue.DeclareOk(reply.queue, reply.message_count, reply.consumer_count)
+                )
+
+        cluster = self.host.cluster
+        if cluster is None or name == REPLY_QUEUE:
+            ok(self._run(command, m))
+            return
+        if m.passive:
+            reply = self._run(command, m)  # existence and ownership: this node's copy
+            remote = self._remote_leader(name)
+            if remote is None:
+                ok(reply)
+                return
+
+            async def counts() -> Reply:
+                assert remote is not None
+                return await self._leader_counts(remote, command, reply)
+
+            self._round_trip(m, counts, ok)
+            return
+        arguments = m.arguments or {}
+        locator, problem = placement.queue_locator(arguments, cluster.config.queue_leader_locator)
+        if problem is not None:
+            raise error_for(
+                m,
+                PRECONDITION_FAILED,
+                f"PRECONDITION_FAILED - {problem} for queue '{name}' in vhost '{self.host.vhost}'",
+            )
+        state = self.host.state
+        leader = (
+            cluster.name
+            if m.exclusive
+            else placement.choose(locator, cluster.name, state.alive(), state.leader_counts())
+        )
+        place = cmd.SetLeader(
+            now_ms=command.now_ms, vhost=self.host.vhost, queue=name, leader=leader
+        )
+
+        async def declare() -> Reply:
+            outcome = (await cluster.replicate([command, place]))[0]
+            reply = OK_REPLY if outcome is None else outcome.reply
+            now = self.host.state.leader_of(self.host.vhost, name)
+            if isinstance(reply, QueueDeclared) and now and now != cluster.name:
+                return await self._leader_counts(now, command, reply)
+            return reply
+
+        self._round_trip(m, declare, ok)
+
+    async def _leader_counts(self, leader: str, command: cmd.DeclareQueue, reply: Reply) -> Reply:
+        """queue.declare-ok's counts come from the queue's leader (it holds the queue)."""
+        cluster = self.host.cluster
+        assert cluster is not None
         assert isinstance(reply, QueueDeclared)
-        self._last_queue = reply.queue
-        if not m.nowait:
-            self._send(spec.Queue.DeclareOk(reply.queue, reply.message_count, reply.consumer_count))
+        try:
+            counted = await cluster.call(leader, command)
+        except (ConnectionError, TimeoutError):
+            return reply
+        return counted if isinstance(counted, QueueDeclared) else reply
 
     def _queue_bind(self, m: spec.Queue.Bind) -> None:
         # Empty queue and key: both mean the channel's last declared queue.
         key = m.routing_key or ("" if m.queue else self._last_queue)
-        self._queue_binding(m, cmd.BindQueue, key)
-        if not m.nowait:
-            self._send(spec.Queue.BindOk())
+
+        def ok(_: Reply) -> None:
+            if not m.nowait:
+                self._send(spec.Queue.BindOk())
+
+        self._queue_binding(m, cmd.BindQueue, key, ok)
 
     def _queue_unbind(self, m: spec.Queue.Unbind) -> None:
-        self._queue_binding(m, cmd.UnbindQueue, m.routing_key or "")
-        self._send(spec.Queue.UnbindOk())  # queue.unbind has no nowait
+        def ok(_: Reply) -> None:
+            self._send(spec.Queue.UnbindOk())  # queue.unbind has no nowait
+
+        self._queue_binding(m, cmd.UnbindQueue, m.routing_key or "", ok)
 
     def _queue_binding(
         self,
         m: spec.Queue.Bind | spec.Queue.Unbind,
         command: type[cmd.BindQueue | cmd.UnbindQueue],
         routing_key: str,
+        ok: Callable[[Reply], None],
     ) -> None:
-        self._run(
+        self._change(
             command(
                 now_ms=self.host.now_ms(),
                 vhost=self.host.vhost,
@@ -372,37 +640,80 @@ class Channel:
                 arguments=m.arguments or {},
             ),
             m,
+            ok,
         )
 
     def _queue_purge(self, m: spec.Queue.Purge) -> None:
-        reply = self._run(
-            cmd.PurgeQueue(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                queue=self._queue_name(m.queue, m),
-                owner=self.host.conn_id,
-            ),
-            m,
+        command = cmd.PurgeQueue(
+            now_ms=self.host.now_ms(),
+            vhost=self.host.vhost,
+            queue=self._queue_name(m.queue, m),
+            owner=self.host.conn_id,
         )
-        assert isinstance(reply, Count)
-        if not m.nowait:
-            self._send(spec.Queue.PurgeOk(reply.message_count))
+
+        def ok(reply: Reply) -> None:
+            assert isinstance(reply, Count)
+            if not m.nowait:
+                self._send(spec.Queue.PurgeOk(reply.message_count))
+
+        leader = self._remote_leader(command.queue)
+        if leader is None:
+            ok(self._run(command, m))
+            return
+        self._run(command, m)  # existence and ownership checks here first
+        cluster = self.host.cluster
+        assert cluster is not None
+
+        async def purge() -> Reply:
+            return await cluster.call(leader, command)
+
+        self._round_trip(m, purge, ok)
 
     def _queue_delete(self, m: spec.Queue.Delete) -> None:
-        reply = self._run(
-            cmd.DeleteQueue(
-                now_ms=self.host.now_ms(),
-                vhost=self.host.vhost,
-                queue=self._queue_name(m.queue, m),
-                owner=self.host.conn_id,
-                if_unused=m.if_unused,
-                if_empty=m.if_empty,
-            ),
-            m,
+        command = cmd.DeleteQueue(
+            now_ms=self.host.now_ms(),
+            vhost=self.host.vhost,
+            queue=self._queue_name(m.queue, m),
+            owner=self.host.conn_id,
+            if_unused=m.if_unused,
+            if_empty=m.if_empty,
         )
-        assert isinstance(reply, Count)
-        if not m.nowait:
-            self._send(spec.Queue.DeleteOk(reply.message_count))
+
+        def ok(reply: Reply) -> None:
+            assert isinstance(reply, Count)
+            if not m.nowait:
+                self._send(spec.Queue.DeleteOk(reply.message_count))
+
+        cluster = self.host.cluster
+        if cluster is None:
+            ok(self._run(command, m))
+            return
+        state = self.host.state
+
+        async def delete() -> Reply:
+            # if-unused / if-empty are the leader's to judge (it holds consumers and
+            # messages); the deletion itself is replicated unconditionally.
+            leader = state.leader_of(command.vhost, command.queue)
+            if leader is None:
+                return Count(0)
+            if leader and leader != cluster.name:
+                checked = await cluster.call(leader, command)
+            else:
+                checked = state.check_delete(command)
+            if isinstance(checked, AmqpError):
+                return checked
+            unconditional = cmd.DeleteQueue(
+                now_ms=command.now_ms,
+                vhost=command.vhost,
+                queue=command.queue,
+                owner=command.owner,
+            )
+            outcome = (await cluster.replicate([unconditional]))[0]
+            if outcome is not None and isinstance(outcome.reply, AmqpError):
+                return outcome.reply
+            return checked
+
+        self._round_trip(m, delete, ok)
 
     # ---- basic -------------------------------------------------------------------------
 
@@ -411,41 +722,114 @@ class Channel:
             raise error_for(
                 m, NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!=0 ({m.prefetch_size})"
             )
-        self._run(
-            cmd.Qos(
-                now_ms=self.host.now_ms(),
-                channel=self.ref,
-                prefetch_count=m.prefetch_count,
-                global_=m.global_,
-            ),
-            m,
+        command = cmd.Qos(
+            now_ms=self.host.now_ms(),
+            channel=self.ref,
+            prefetch_count=m.prefetch_count,
+            global_=m.global_,
         )
+        self._run(command, m)
+        cluster = self.host.cluster
+        if cluster is not None:
+            for node in self.proxies:  # the leaders' proxies of this channel follow it
+                cluster.send_command(node, command)
         self._send(spec.Basic.QosOk())
 
     def _basic_consume(self, m: spec.Basic.Consume) -> None:
         tag = m.consumer_tag or generate_name("amq.ctag-")
         queue = self._queue_name(m.queue, m)
+        command = cmd.Consume(
+            now_ms=self.host.now_ms(),
+            channel=self.ref,
+            vhost=self.host.vhost,
+            queue=queue,
+            consumer_tag=tag,
+            no_ack=m.no_ack,
+            exclusive=m.exclusive,
+            arguments=m.arguments or {},
+            reply_key=generate_name("") if queue == REPLY_QUEUE else "",
+        )
+        leader = None if queue == REPLY_QUEUE else self._remote_leader(queue)
+        if leader is not None:
+            self._remote_consume(leader, command, m)
+            return
+        if tag in self.remote_consumers:
+            raise ChannelError(errors.reused_tag(tag))
         # The command's deliveries are dispatched after this handler returns, so consume-ok
         # reaches the client before the first basic.deliver.
-        reply = self._run(
-            cmd.Consume(
-                now_ms=self.host.now_ms(),
-                channel=self.ref,
-                vhost=self.host.vhost,
-                queue=queue,
-                consumer_tag=tag,
-                no_ack=m.no_ack,
-                exclusive=m.exclusive,
-                arguments=m.arguments or {},
-                reply_key=generate_name("") if queue == REPLY_QUEUE else "",
-            ),
-            m,
-        )
+        reply = self._run(command, m)
         assert isinstance(reply, ConsumeOk)
         if not m.nowait:
             self._send(spec.Basic.ConsumeOk(tag))
 
+    def _remote_consume(self, leader: str, command: cmd.Consume, m: spec.Basic.Consume) -> None:
+        """A consumer of a queue another node leads: attached there on a proxy of this
+        channel (with this channel's prefetch), its deliveries relayed back here."""
+        cluster = self.host.cluster
+        assert cluster is not None
+        tag = command.consumer_tag
+        if tag in self.remote_consumers or self.host.state.has_consumer(self.ref, tag):
+            raise ChannelError(errors.reused_tag(tag))
+        self._run(  # existence, ownership and exclusivity checks against this node's copy
+            cmd.DeclareQueue(
+                now_ms=command.now_ms,
+                vhost=command.vhost,
+                queue=command.queue,
+                owner=self.host.conn_id,
+                passive=True,
+            ),
+            m,
+        )
+        rc = self.remote_consumers[tag] = RemoteConsumer(
+            leader, command.vhost, command.queue, command.no_ack
+        )
+        self.proxies.add(leader)
+        prefetch, global_prefetch = self.host.state.channel_prefetch(self.ref)
+        now = command.now_ms
+        cluster.send_command(
+            leader, cmd.Qos(now_ms=now, channel=self.ref, prefetch_count=prefetch, global_=False)
+        )
+        if global_prefetch:
+            cluster.send_command(
+                leader,
+                cmd.Qos(now_ms=now, channel=self.ref, prefetch_count=global_prefetch, global_=True),
+            )
+
+        async def consume() -> Reply:
+            return await cluster.call(leader, command)
+
+        def ok(reply: Reply) -> None:
+            assert isinstance(reply, ConsumeOk)
+            if not m.nowait:
+                self._send(spec.Basic.ConsumeOk(tag))
+            rc.pending = False
+            early, rc.early = rc.early, []
+            for delivery in early:
+                self._deliver_remote(rc, delivery)
+
+        def done(result: Any) -> None:
+            try:
+                ok(result)
+            finally:
+                if rc.pending:  # refused or failed: no consumer after all
+                    self.remote_consumers.pop(tag, None)
+
+        self._round_trip(m, consume, done)
+
     def _basic_cancel(self, m: spec.Basic.Cancel) -> None:
+        rc = self.remote_consumers.pop(m.consumer_tag or "", None)
+        if rc is not None:
+            cluster = self.host.cluster
+            assert cluster is not None
+            cluster.send_command(
+                rc.node,
+                cmd.Cancel(
+                    now_ms=self.host.now_ms(), channel=self.ref, consumer_tag=m.consumer_tag or ""
+                ),
+            )
+            if not m.nowait:
+                self._send(spec.Basic.CancelOk(m.consumer_tag))
+            return
         self._run(
             cmd.Cancel(
                 now_ms=self.host.now_ms(), channel=self.ref, consumer_tag=m.consumer_tag or ""
@@ -456,16 +840,50 @@ class Channel:
             self._send(spec.Basic.CancelOk(m.consumer_tag))
 
     def _basic_get(self, m: spec.Basic.Get) -> None:
-        reply = self._run(
-            cmd.Get(
-                now_ms=self.host.now_ms(),
-                channel=self.ref,
-                vhost=self.host.vhost,
-                queue=self._queue_name(m.queue, m),
-                no_ack=m.no_ack,
+        command = cmd.Get(
+            now_ms=self.host.now_ms(),
+            channel=self.ref,
+            vhost=self.host.vhost,
+            queue=self._queue_name(m.queue, m),
+            no_ack=m.no_ack,
+        )
+        leader = self._remote_leader(command.queue)
+        if leader is None:
+            self._got(self._run(command, m), m)
+            return
+        cluster = self.host.cluster
+        assert cluster is not None
+        self._run(  # existence and ownership checks against this node's copy
+            cmd.DeclareQueue(
+                now_ms=command.now_ms,
+                vhost=command.vhost,
+                queue=command.queue,
+                owner=self.host.conn_id,
+                passive=True,
             ),
             m,
         )
+        self.proxies.add(leader)
+
+        async def get() -> Reply:
+            return await cluster.call(leader, command)
+
+        def got(reply: Reply) -> None:
+            if isinstance(reply, GetOk):
+                tag = self.host.state.external_delivery(
+                    self.ref,
+                    command.vhost,
+                    command.queue,
+                    reply.delivery_tag,
+                    reply.message,
+                    command.no_ack,
+                )
+                reply = GetOk(tag, reply.redelivered, reply.message_count, reply.message)
+            self._got(reply, m)
+
+        self._round_trip(m, get, got)
+
+    def _got(self, reply: Reply, m: spec.Basic.Get) -> None:
         if isinstance(reply, GetOk):
             msg = reply.message
             self.host.proto.send_content(

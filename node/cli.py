@@ -11,14 +11,19 @@ import errno
 import gc
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from node import __version__
 from node.config import NodeConfig, User, default_watermark, parse_watermark
 from node.logs import EventLogger, configure
+
+if TYPE_CHECKING:
+    from cluster.node import ClusterConfig
 
 EXIT_USAGE = 2
 GC_GEN0_THRESHOLD = 20_000  # Python's default is 700 allocations
@@ -39,7 +44,7 @@ def _check_data_dir(path: Path) -> None:
         _fail(f"data dir {str(path)!r} is not writable: {exc.strerror or exc}")
 
 
-def _run_node(config: NodeConfig, log: EventLogger) -> None:
+def _run_node(config: NodeConfig, log: EventLogger, cluster: ClusterConfig | None = None) -> None:
     import anyio
 
     from node.server import serve
@@ -52,7 +57,9 @@ def _run_node(config: NodeConfig, log: EventLogger) -> None:
     except ImportError:
         pass
     try:
-        anyio.run(serve, config, log, backend="asyncio", backend_options=backend_options)
+        anyio.run(
+            serve, config, log, None, cluster, backend="asyncio", backend_options=backend_options
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             _fail(f"cannot listen on {config.host}:{config.port}: address already in use")
@@ -163,6 +170,73 @@ def main() -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--peer",
+    "peers",
+    envvar="WARREN_PEERS",
+    multiple=True,
+    help="Another cluster member as NAME=HOST:RAFTPORT (repeatable; WARREN_PEERS takes "
+    "them space-separated). Without peers the node runs alone, without Raft.",
+)
+@click.option(
+    "--raft-port",
+    envvar="WARREN_RAFT_PORT",
+    type=click.IntRange(1, 65535),
+    default=4321,
+    show_default=True,
+    help="Raft port (cluster only).",
+)
+@click.option(
+    "--link-port",
+    envvar="WARREN_LINK_PORT",
+    type=click.IntRange(0, 65535),
+    default=4322,
+    show_default=True,
+    help="Node link port: forwarded publishes, remote consumers (cluster only).",
+)
+@click.option(
+    "--advertise-host",
+    envvar="WARREN_ADVERTISE_HOST",
+    default=None,
+    help="Host other nodes reach this one at (default: --host, or the host name when "
+    "--host is 0.0.0.0).",
+)
+@click.option(
+    "--cluster-secret",
+    envvar="WARREN_CLUSTER_SECRET",
+    default=None,
+    help="Shared secret of the cluster's Raft and link ports (default: generated once into "
+    "DATA_DIR/raft.secret; every member needs the same one).",
+)
+@click.option("--cluster-name", envvar="WARREN_CLUSTER_NAME", default="warren", show_default=True)
+@click.option(
+    "--queue-leader-locator",
+    envvar="WARREN_QUEUE_LEADER_LOCATOR",
+    type=click.Choice(["client-local", "balanced"]),
+    default="client-local",
+    show_default=True,
+    help="Where new queues are led (x-queue-leader-locator overrides it per queue).",
+)
+@click.option(
+    "--management-host", envvar="WARREN_MANAGEMENT_HOST", default=None,
+    help="Address of the management HTTP API (default: --host).",
+)  # fmt: skip
+@click.option(
+    "--management-port",
+    envvar="WARREN_MANAGEMENT_PORT",
+    type=click.IntRange(0, 65535),
+    default=15672,
+    show_default=True,
+    help="Management HTTP API port (0: off).",
+)
+@click.option(
+    "--metrics-port",
+    envvar="WARREN_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=15692,
+    show_default=True,
+    help="Prometheus port (0: off).",
+)
 def node(
     host: str,
     port: int,
@@ -176,6 +250,16 @@ def node(
     channel_max: int,
     memory_high_watermark: str,
     log_level: str,
+    peers: tuple[str, ...],
+    raft_port: int,
+    link_port: int,
+    advertise_host: str | None,
+    cluster_secret: str | None,
+    cluster_name: str,
+    queue_leader_locator: str,
+    management_host: str | None,
+    management_port: int,
+    metrics_port: int,
 ) -> None:
     """Run one broker node in the foreground (Ctrl-C or SIGTERM stops it)."""
     configure(log_level)
@@ -198,11 +282,86 @@ def node(
         frame_max=frame_max,
         channel_max=channel_max,
         memory_high_watermark_bytes=watermark,
+        cluster_name=cluster_name,
+        management_host=management_host or host,
+        management_port=management_port or None,
     )
     log = EventLogger(logging.getLogger("warren"), node=node_name)
+    cluster = None
+    if peers:
+        advertise = advertise_host or (
+            host if host not in ("0.0.0.0", "::") else socket.gethostname()
+        )
+        parsed = _parse_peers(peers, node_name)
+        for what, port_ in (("raft", raft_port), ("link", link_port)):
+            problem = _port_problem(host, port_)
+            if problem:
+                _fail(f"cannot listen on {host}:{port_} ({what}): {problem}")
+        from cluster.node import ClusterConfig
+        from cluster.raft import load_or_create_secret
+
+        secret = cluster_secret or load_or_create_secret(data_dir)
+        cluster = ClusterConfig(
+            name=node_name,
+            data_dir=data_dir,
+            raft_host=host,
+            raft_port=raft_port,
+            link_host=host,
+            link_port=link_port,
+            advertise_host=advertise,
+            peers=parsed,
+            secret=secret,
+            amqp_address=f"{advertise}:{port}",
+            management_address=f"{advertise}:{management_port}" if management_port else "",
+            queue_leader_locator=queue_leader_locator,
+        )
+    if management_port:
+        problem = _port_problem(config.management_host, management_port)
+        if problem:
+            _fail(
+                f"cannot listen on {config.management_host}:{management_port} "
+                f"(management): {problem}"
+            )
     _tune_gc()
-    _run_node(config, log)
+    _run_node(config, log, cluster)
     sys.exit(0)
+
+
+def _parse_peers(values: tuple[str, ...], self_name: str) -> tuple[tuple[str, str, int], ...]:
+    """NAME=HOST:PORT values (also several in one, space-separated, from WARREN_PEERS)."""
+    found: list[tuple[str, str, int]] = []
+    for value in values:
+        for item in value.split():
+            name, sep, address = item.partition("=")
+            host, _, port_text = address.rpartition(":")
+            host = host.strip("[]")
+            if not sep or not name or not host or not port_text.isdigit():
+                _fail(f"--peer {item!r}: expected NAME=HOST:PORT")
+            port = int(port_text)
+            if not 0 < port < 65536:
+                _fail(f"--peer {item!r}: port out of range")
+            if name != self_name:
+                found.append((name, host, port))
+    return tuple(found)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why `port` cannot be bound on `host`, or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return "address already in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror)
+    return None
+
+
+from node.ctl import ctl_group  # noqa: E402
+from node.up import up_command  # noqa: E402
+
+main.add_command(up_command)
+main.add_command(ctl_group)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class NodeConfig:
     memory_high_watermark_bytes: int = 0  # 0: computed from DEFAULT_MEMORY_FRACTION
     max_message_size: int = 134217728  # RabbitMQ 3.x default max_message_size
     cluster_name: str = "warren"
+    management_host: str = "0.0.0.0"
+    management_port: int | None = None  # None: no management HTTP API
     extra: dict[str, str] = field(default_factory=dict)
 
     def user(self, name: str) -> User | None:

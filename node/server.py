@@ -12,18 +12,20 @@ bytes of queued messages exceed the memory high watermark.
 from __future__ import annotations
 
 import ipaddress
+import os
 import platform
 import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from pamqp import commands as spec
 
 from cluster import commands as cmd
+from cluster import wire
 from cluster.state import StateMachine
 from node import __version__
 from node.broker.types import (
@@ -36,6 +38,9 @@ from node.broker.types import (
     Ticked,
 )
 from node.channel import Channel, ChannelError
+
+if TYPE_CHECKING:
+    from cluster.node import ClusterConfig, ClusterNode
 from node.config import NodeConfig, default_watermark
 from node.logs import EventLogger
 from node.protocol.codec import HEARTBEAT_FRAME, AckMethod
@@ -106,19 +111,37 @@ def is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
-class BrokerNode:
-    """One node's broker: the state machine, the live connections, the memory alarm."""
+RESYNC_TEXT = (
+    "CONNECTION_FORCED - broker forced connection closure with reason "
+    "'node resynchronised with the cluster'"
+)
 
-    def __init__(self, config: NodeConfig, log: EventLogger) -> None:
+
+class BrokerNode:
+    """One node's broker: the state machine, the live connections, the memory alarm, and
+    in a cluster its `ClusterNode` (Raft, the node link, forwarding to queue leaders)."""
+
+    def __init__(
+        self, config: NodeConfig, log: EventLogger, cluster: ClusterConfig | None = None
+    ) -> None:
         self.config = config
         self.log = log
-        self.state = StateMachine(rewrite_headers=with_headers)
+        self.state = StateMachine(
+            rewrite_headers=with_headers, node_name=cluster.name if cluster else ""
+        )
         self.connections: dict[int, ClientConnection] = {}
         self.watermark = config.memory_high_watermark_bytes or default_watermark()
         self.alarm = False
         self.alarm_cleared = anyio.Event()
         self.connections_changed = anyio.Event()
-        self._next_conn = 1
+        # Connection ids name channels across the cluster (proxy channels at queue
+        # leaders): a random per-process prefix keeps them unique between nodes.
+        self._next_conn = (int.from_bytes(os.urandom(4), "big") >> 2) << 32 | 1 if cluster else 1
+        self.cluster: ClusterNode | None = None
+        if cluster is not None:
+            from cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(cluster, self, log)
         self._effects: list[Effect] = []
         self._dirty: set[ClientConnection] = set()
         self._dispatching = False
@@ -132,6 +155,10 @@ class BrokerNode:
             self._effects.extend(outcome.effects)
         return outcome.reply
 
+    def absorb(self, effects: list[Effect]) -> None:
+        """Effects of a command applied elsewhere (the Raft log, the node link)."""
+        self._effects.extend(effects)
+
     def mark_dirty(self, conn: ClientConnection) -> None:
         self._dirty.add(conn)
 
@@ -140,13 +167,23 @@ class BrokerNode:
         if self._dispatching:
             return
         self._dispatching = True
+        cluster = self.cluster
         try:
             while self._effects or self._dirty:
                 effects, self._effects = self._effects, []
+                others: list[Effect] = []
                 for effect in effects:
-                    conn = self.connections.get(effect.channel.conn)
-                    if conn is not None:
-                        conn.apply_effect(effect)
+                    kind = type(effect)
+                    if kind is Deliver or kind is CancelConsumer:
+                        conn = self.connections.get(effect.channel.conn)  # type: ignore[union-attr]
+                        if conn is not None:
+                            conn.apply_effect(effect)
+                        elif cluster is not None:
+                            cluster.remote_effect(effect)  # type: ignore[arg-type]
+                    else:
+                        others.append(effect)
+                if others and cluster is not None:
+                    cluster.cluster_effects(others)
                 dirty, self._dirty = self._dirty, set()
                 for conn in dirty:
                     conn.flush_out()
@@ -188,6 +225,72 @@ class BrokerNode:
             conn.release()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+
+    # ---- the cluster's calls back into this node (cluster.node.Shell) -------------------
+
+    def _channel_of(self, ref: ChannelRef) -> tuple[ClientConnection, Channel] | None:
+        conn = self.connections.get(ref.conn)
+        channel = conn.channels.get(ref.channel) if conn is not None else None
+        if conn is None or channel is None or conn.closed:
+            return None
+        return conn, channel
+
+    def deliver_remote(self, delivery: wire.Delivery) -> bool:
+        """A remote consumer's delivery from its queue's leader; False when nobody here
+        takes it any more (the leader should requeue it)."""
+        found = self._channel_of(delivery.channel)
+        if found is None:
+            return False
+        conn, channel = found
+        taken = channel.remote_delivery(delivery)
+        if taken:
+            self.mark_dirty(conn)
+            self.dispatch()
+        return taken
+
+    def remote_confirm(self, peer: str, ref: ChannelRef, seq: int, ok: bool) -> None:
+        found = self._channel_of(ref)
+        if found is not None:
+            conn, channel = found
+            channel.remote_confirmed(peer, seq, ok)
+            self.mark_dirty(conn)
+            self.dispatch()
+
+    def remote_cancel(self, ref: ChannelRef, tag: str) -> None:
+        found = self._channel_of(ref)
+        if found is not None:
+            conn, channel = found
+            if channel.drop_remote_consumer(tag, notify=True):
+                self.mark_dirty(conn)
+                self.dispatch()
+
+    def peer_lost(self, node: str) -> None:
+        """`node` is unreachable: remote consumers there are cancelled (clients
+        re-subscribe on basic.cancel), confirms pending there are nacked."""
+        for conn in list(self.connections.values()):
+            touched = False
+            for channel in list(conn.channels.values()):
+                touched = channel.peer_lost(node) or touched
+            if touched:
+                self.mark_dirty(conn)
+
+    def queue_moved(self) -> None:
+        """Queues changed leader: remote consumers of a queue whose leader is no longer
+        the node they are attached at are cancelled (with basic.cancel)."""
+        for conn in list(self.connections.values()):
+            touched = False
+            for channel in list(conn.channels.values()):
+                touched = channel.check_remote_consumers() or touched
+            if touched:
+                self.mark_dirty(conn)
+
+    def replace_state(self, state: StateMachine) -> None:
+        """The Raft snapshot replaced the replicated state: local clients start over."""
+        self.state = state
+        for conn in list(self.connections.values()):
+            conn.force_close(320, RESYNC_TEXT)
+            conn.process_events()
+            conn.reply_address = state.reply_address
 
     async def run_clock(self) -> None:
         """Let time pass in the model (message TTL, x-expires) when nothing else happens."""
@@ -238,6 +341,8 @@ class ClientConnection:
         # Host protocol: channels run commands straight on the node (one call layer less).
         self.execute: Callable[[cmd.AnyCommand], Reply] = node.execute
         self.reply_address: Callable[[ChannelRef], str | None] = node.state.reply_address
+        self.cluster: ClusterNode | None = node.cluster
+        self._tg: TaskGroup | None = None
         self._now_ms = int(time.time() * 1000)
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
@@ -274,11 +379,63 @@ class ClientConnection:
     def note_publish(self) -> None:
         self.publisher = True
 
+    @property
+    def state(self) -> StateMachine:
+        return self.node.state
+
+    def run_async(
+        self,
+        channel: Channel,
+        op: Callable[[], Awaitable[Any]],
+        done: Callable[[Any], None],
+    ) -> None:
+        """Run `op` (a cluster round trip) for `channel`; the channel takes no further
+        method until `done(result)` ran (AMQP orders a channel's methods). `done` gets
+        the result, or the exception `op` raised; it may raise ChannelError."""
+        channel.busy = True
+        assert self._tg is not None
+        self._tg.start_soon(self._run_op, channel, op, done)
+
+    async def _run_op(
+        self, channel: Channel, op: Callable[[], Awaitable[Any]], done: Callable[[Any], None]
+    ) -> None:
+        result: Any
+        try:
+            result = await op()
+        except Exception as exc:
+            result = exc
+        if self.closed or self.channels.get(channel.number) is not channel:
+            return  # the channel or connection went meanwhile: nobody to answer
+        self._now_ms = int(time.time() * 1000)
+        try:
+            done(result)
+        except ChannelError as exc:
+            self._fail(channel, exc.error)
+        channel.busy = False
+        self._resume(channel)
+        if channel.confirm:
+            channel.flush_confirms()
+        self.node.mark_dirty(self)
+        self.node.dispatch()
+        if self.closed:
+            self._stop()
+
+    def _resume(self, channel: Channel) -> None:
+        """Handle the methods that waited while `channel` was busy, until it is again."""
+        backlog = channel.backlog
+        while backlog and not channel.busy and self.channels.get(channel.number) is channel:
+            event = backlog.popleft()
+            if type(event) is ChannelContent:
+                self._on_channel_content(event)
+            else:
+                self._on_channel_method(event)
+
     # ---- tasks -------------------------------------------------------------------------
 
     async def run(self) -> None:
         self.log.info("connection.accepted", peer=self.peer)
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             tg.start_soon(self._writer)
             tg.start_soon(self._ticker)
             try:
@@ -419,6 +576,9 @@ class ClientConnection:
                 channel = channels.get(event.channel)
                 if channel is None:
                     continue
+                if channel.busy:
+                    channel.backlog.append(event)
+                    continue
                 try:
                     channel.handle_publish(event)
                 except ChannelError as exc:
@@ -430,6 +590,9 @@ class ClientConnection:
                 number = event.channel  # the other hot path: basic.ack
                 channel = channels.get(number)
                 if channel is None:
+                    continue
+                if channel.busy:
+                    channel.backlog.append(event)
                     continue
                 # Consumers ack one tag at a time: the single-tag acks of this channel that
                 # come right after this one go with it as one command (Channel.ack_many).
@@ -488,6 +651,9 @@ class ClientConnection:
         channel = self.channels.get(ev.channel)
         if channel is None:
             return  # closing on our side: the protocol discards, this is belt and braces
+        if channel.busy:
+            channel.backlog.append(ev)
+            return
         method = ev.method
         try:
             if type(method) is AckMethod:
@@ -504,6 +670,9 @@ class ClientConnection:
         channel = self.channels.get(ev.channel)
         if channel is None:
             return
+        if channel.busy:
+            channel.backlog.append(ev)
+            return
         try:
             channel.handle_publish(ev)
         except ChannelError as exc:
@@ -515,7 +684,18 @@ class ClientConnection:
     def _on_channel_closed(self, ev: ChannelClosed) -> None:
         channel = self.channels.pop(ev.channel, None)
         if channel is not None:
-            self.node.execute(cmd.CloseChannel(channel=channel.ref))
+            self._close_channel(channel)
+
+    def _close_channel(self, channel: Channel) -> None:
+        """The channel is gone (either side closed it, or an error did): its state goes
+        here and at every queue leader holding a proxy of it. Methods still waiting behind
+        a cluster round trip are dropped (the client already has its close-ok)."""
+        channel.backlog.clear()
+        channel.closed = True
+        self.node.execute(cmd.CloseChannel(channel=channel.ref))
+        if self.cluster is not None:
+            for node in channel.proxies:
+                self.cluster.send_command(node, cmd.CloseChannel(channel=channel.ref))
 
     def _on_connection_closed(self, ev: ConnectionClosed) -> None:
         self.log.info(
@@ -535,7 +715,7 @@ class ClientConnection:
         )
         channel = self.channels.pop(ev.channel, None)
         if channel is not None:
-            self.node.execute(cmd.CloseChannel(channel=channel.ref))
+            self._close_channel(channel)
 
     def _on_secret_updated(self, ev: SecretUpdated) -> None:
         self.log.info("connection.secret_updated", reason=ev.reason)
@@ -559,7 +739,7 @@ class ClientConnection:
             channel.number, error.reply_code, error.reply_text, error.class_id, error.method_id
         )
         self.channels.pop(channel.number, None)
-        self.node.execute(cmd.CloseChannel(channel=channel.ref))
+        self._close_channel(channel)
 
     def force_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         """Server-initiated connection.close; the socket goes after close-ok or a timeout."""
@@ -608,8 +788,15 @@ class ClientConnection:
         if self._released:
             return
         self._released = True
+        proxies: set[str] = set()
+        for channel in self.channels.values():
+            channel.closed = True
+            proxies |= channel.proxies
         self.channels.clear()
         self.node.execute(cmd.CloseConnection(conn=self.conn_id))
+        if self.cluster is not None:
+            for node in proxies:
+                self.cluster.send_command(node, cmd.CloseConnection(conn=self.conn_id))
         self.node.dispatch()
         self.log.info("connection.released", peer=self.peer)
 
@@ -618,31 +805,46 @@ async def serve(
     config: NodeConfig,
     log: EventLogger,
     on_ready: Callable[[], Awaitable[None] | None] | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> None:
-    """Listen for AMQP clients until SIGTERM/SIGINT, then close them with 320 and return."""
-    node = BrokerNode(config, log)
+    """Listen for AMQP clients until SIGTERM/SIGINT, then close them with 320 and return.
+
+    In a cluster the AMQP port is bound at once but clients are served only once the
+    node has caught up with the Raft log and announced itself (`cluster.ready`)."""
+    node = BrokerNode(config, log, cluster)
     listener = await anyio.create_tcp_listener(local_host=config.host, local_port=config.port)
-    log.info(
-        "node.listening",
-        version=__version__,
-        data_dir=str(config.data_dir),
-        host=config.host,
-        port=config.port,
-        memory_high_watermark_bytes=node.watermark,
-    )
     async with anyio.create_task_group() as tg:
-
-        async def accept_loop() -> None:
-            async with listener:
-                await listener.serve(node.handle_client)
-
-        tg.start_soon(accept_loop)
-        tg.start_soon(node.run_clock)
-        if on_ready is not None:
-            result = on_ready()
-            if result is not None:
-                await result
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+            async def start() -> None:
+                if node.cluster is not None:
+                    await tg.start(node.cluster.run)
+                if config.management_port is not None:
+                    from node.management import management_server
+
+                    await tg.start(management_server(node, config, log).serve)
+
+                async def accept_loop() -> None:
+                    async with listener:
+                        await listener.serve(node.handle_client)
+
+                tg.start_soon(accept_loop)
+                tg.start_soon(node.run_clock)
+                log.info(
+                    "node.listening",
+                    version=__version__,
+                    data_dir=str(config.data_dir),
+                    host=config.host,
+                    port=config.port,
+                    memory_high_watermark_bytes=node.watermark,
+                    cluster=node.cluster is not None,
+                )
+                if on_ready is not None:
+                    result = on_ready()
+                    if result is not None:
+                        await result
+
+            tg.start_soon(start)
             async for signum in signals:
                 log.info("node.signal", signal=signal.Signals(signum).name)
                 break

@@ -283,6 +283,7 @@ class Queue:
         "groups",
         "had_consumers",
         "last_used_ms",
+        "leader",
         "limited",
         "max_bytes",
         "max_length",
@@ -293,6 +294,7 @@ class Queue:
         "ready",
         "ready_bytes",
         "reject_publish",
+        "remote",
         "returned",
         "single_active",
         "ttl",
@@ -354,6 +356,11 @@ class Queue:
         self.expiring = self.ttl is not None  # may hold messages that expire
         self.expires = int_arg(arguments, "x-expires")  # ms unused before deletion
         self.last_used_ms = 0
+        # Cluster: the node that leads the queue ("" = this node, outside a cluster) and
+        # whether that is another node (then this model holds no messages or consumers of
+        # it: publishes are forwarded, consumers attach at the leader).
+        self.leader = ""
+        self.remote = False
 
     # ---- messages ----------------------------------------------------------------------
 

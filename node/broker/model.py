@@ -65,18 +65,21 @@ from node.broker.types import (
     AmqpError,
     CancelConsumer,
     ChannelRef,
+    Condemned,
     ConnId,
     ConsumeOk,
     Count,
     Deliver,
     Effect,
     FieldTable,
+    Forward,
     GetEmpty,
     GetOk,
     Message,
     Ok,
     Properties,
     QueueDeclared,
+    RemoteSettle,
     Reply,
     Routed,
     Ticked,
@@ -192,6 +195,18 @@ class Broker:
         # publishers down to their consumers' pace (a slow consumer slows its publisher).
         self.backlogged: dict[Queue, None] = {}
         self.replies = DirectReply()
+        # Cluster (see set_leader): this node's name, and whether queue deletions that
+        # this node alone decides (auto-delete, exclusive owner gone, x-expires) become
+        # `Condemned` effects for the shell to replicate instead of happening here.
+        self.node_name = ""
+        self.clustered = False
+        self.condemned: dict[Queue, None] = {}
+        # Stands in for the queue of an unacked delivery that became void when its queue
+        # changed leader: settling it relays nothing.
+        self.void = Queue(
+            "", "", durable=False, exclusive=False, auto_delete=False, owner=None, arguments={}
+        )
+        self.void.remote = True
         for name in vhosts:
             self.add_vhost(name)
 
@@ -267,6 +282,8 @@ class Broker:
         for queue, message, receiver in channel.unacked.values():
             if receiver is not None:
                 receiver.unacked -= 1
+            if queue.remote:
+                continue  # the leader requeues it when the shell closes the channel there
             if not queue.deleted:
                 self._give_back(queue, message, effects)
                 touched[queue] = None
@@ -274,7 +291,7 @@ class Broker:
         channel.consumer_unacked = 0
         for queue in emptied:
             if not queue.deleted and not queue.consumers:
-                self._delete_queue(queue, effects)
+                self._drop_queue(queue, effects)
         for queue in touched:
             if not queue.deleted:
                 self._requeued(queue, effects)
@@ -286,8 +303,8 @@ class Broker:
         for channel in list(conn.channels.values()):
             self._close_channel(channel, effects)
         for queue in list(conn.exclusive_queues.values()):
-            if not queue.deleted:
-                self._delete_queue(queue, effects)
+            if not queue.deleted and not queue.remote:
+                self._drop_queue(queue, effects)
         return OK
 
     def set_writable(self, conn_id: ConnId, writable: bool, effects: list[Effect]) -> Reply:
@@ -545,12 +562,32 @@ class Broker:
             self.expirable[queue] = None
 
     def _lookup(self, vh: Vhost, name: str) -> Queue | None:
-        """The queue, unless x-expires says it is gone (then it goes now)."""
+        """The queue, unless x-expires says it is gone (then it goes now; in a cluster its
+        leader condemns it and it lives on until the deletion is replicated)."""
         queue = vh.queues.get(name)
-        if queue is not None and queue.expires is not None and self._idle_expired(queue):
-            self._delete_queue(queue, [])
-            return None
+        if (
+            queue is not None
+            and queue.expires is not None
+            and not queue.remote
+            and self._idle_expired(queue)
+        ):
+            if not self.clustered:
+                self._delete_queue(queue, [])
+                return None
+            self._condemn(queue, [])
         return queue
+
+    def _drop_queue(self, queue: Queue, effects: list[Effect]) -> None:
+        """A deletion this node decides alone: done at once, or condemned in a cluster."""
+        if self.clustered:
+            self._condemn(queue, effects)
+        else:
+            self._delete_queue(queue, effects)
+
+    def _condemn(self, queue: Queue, effects: list[Effect]) -> None:
+        if queue not in self.condemned:
+            self.condemned[queue] = None
+            effects.append(Condemned(queue.vhost, queue.name, queue.owner or 0))
 
     def _idle_expired(self, queue: Queue) -> bool:
         assert queue.expires is not None
@@ -611,6 +648,7 @@ class Broker:
         del vh.queues[queue.name]
         self.expiring.pop(queue, None)
         self.expirable.pop(queue, None)
+        self.condemned.pop(queue, None)
         if queue.owner is not None:
             conn = self.conns.get(queue.owner)
             if conn is not None:
@@ -723,41 +761,120 @@ class Broker:
             return NO_ROUTE if mandatory else _ROUTED[0]
         message_id = self.next_message_id
         self.next_message_id = message_id + 1
-        size = len(body)
         rejected = False
+        remote: list[Queue] | None = None
         for queue in queues:
-            # Each queue owns its copy: redelivered and delivery_count are per queue.
-            if queue.limited and queue.refuses(size):
-                rejected = True
-                if queue.overflow_dlx and queue.dead_letters:
-                    refused = Message(
-                        message_id, exchange_name, routing_key, properties, props, body, now_ms
-                    )
-                    self._dead_letter(queue, [refused], "maxlen", effects)
+            if queue.remote:  # led by another node: the channel forwards it there
+                if remote is None:
+                    remote = []
+                remote.append(queue)
                 continue
-            message = Message(
-                message_id, exchange_name, routing_key, properties, props, body, now_ms
-            )
-            if message_ttl is not None or queue.ttl is not None:
-                message.expires_ms = self._expiry(queue.ttl, message_ttl)
-                if not queue.expiring:
-                    queue.expiring = True
-                    self.expiring[queue] = None
-            queue.ready.append(message)
-            queue.ready_bytes += size
-            self.total_bytes += size
-            if queue.consumers:
-                self._dispatch(queue, effects)
-                if len(queue.ready) > FLOW_HIGH:
-                    self.backlogged[queue] = None
-            if queue.limited:
-                self._drop_over_limit(queue, effects)
-            if queue.expiring:
-                # A TTL of 0: gone unless a consumer took it just now.
-                self._expire(queue, effects, inclusive=True)
+            # Each queue owns its copy: redelivered and delivery_count are per queue.
+            if not self._accept(
+                queue,
+                message_id,
+                exchange_name,
+                routing_key,
+                properties,
+                props,
+                body,
+                now_ms,
+                message_ttl,
+                effects,
+            ):
+                rejected = True
+        if remote is not None:
+            return Routed(len(queues), rejected=rejected, remote=tuple(remote))
         if rejected:
             return Routed(len(queues), rejected=True)
         return _routed(len(queues))
+
+    def enqueue_forwarded(
+        self,
+        vhost: str,
+        names: Sequence[str],
+        exchange_name: str,
+        routing_key: str,
+        properties: bytes,
+        props: Properties,
+        body: bytes,
+        now_ms: int,
+        effects: list[Effect],
+    ) -> bool:
+        """Cluster: a message another node routed to queues led here. Returns False when
+        a queue refused it (reject-publish): the publisher's confirm becomes a nack. A
+        queue that is gone or no longer led here is skipped (as a publish racing a
+        delete: the message is dropped and confirmed)."""
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return True
+        message_ttl: int | None = None
+        if props.expiration is not None:
+            message_ttl, _ = arguments_.parse_expiration(props.expiration)
+        accepted = True
+        message_id = self.next_message_id
+        self.next_message_id = message_id + 1
+        for name in names:
+            queue = vh.queues.get(name)
+            if queue is None or queue.remote:
+                continue
+            if not self._accept(
+                queue,
+                message_id,
+                exchange_name,
+                routing_key,
+                properties,
+                props,
+                body,
+                now_ms,
+                message_ttl,
+                effects,
+            ):
+                accepted = False
+        return accepted
+
+    def _accept(
+        self,
+        queue: Queue,
+        message_id: int,
+        exchange_name: str,
+        routing_key: str,
+        properties: bytes,
+        props: Properties,
+        body: bytes,
+        now_ms: int,
+        message_ttl: int | None,
+        effects: list[Effect],
+    ) -> bool:
+        """One queue takes its copy of a published message; False when it refuses it
+        (x-overflow reject-publish at its limit; reject-publish-dlx dead-letters it)."""
+        size = len(body)
+        if queue.limited and queue.refuses(size):
+            if queue.overflow_dlx and queue.dead_letters:
+                refused = Message(
+                    message_id, exchange_name, routing_key, properties, props, body, now_ms
+                )
+                self._dead_letter(queue, [refused], "maxlen", effects)
+            return False
+        message = Message(message_id, exchange_name, routing_key, properties, props, body, now_ms)
+        if message_ttl is not None or queue.ttl is not None:
+            message.expires_ms = self._expiry(queue.ttl, message_ttl)
+            if not queue.expiring:
+                queue.expiring = True
+                self.expiring[queue] = None
+        queue.ready.append(message)
+        queue.ready_bytes += size
+        self.total_bytes += size
+        if queue.consumers:
+            self._dispatch(queue, effects)
+            if len(queue.ready) > FLOW_HIGH:
+                self.backlogged[queue] = None
+        if queue.limited:
+            self._drop_over_limit(queue, effects)
+        if queue.expiring:
+            # A TTL of 0: gone unless a consumer took it just now.
+            self._expire(queue, effects, inclusive=True)
+        return True
 
     def _reply(
         self,
@@ -845,8 +962,8 @@ class Broker:
                 more = True
                 break
         for queue in list(self.expirable):
-            if not queue.deleted and self._idle_expired(queue):
-                self._delete_queue(queue, effects)
+            if not queue.deleted and not queue.remote and self._idle_expired(queue):
+                self._drop_queue(queue, effects)
         return TICKED_MORE if more else TICKED
 
     def _drop_over_limit(self, queue: Queue, effects: list[Effect]) -> None:
@@ -945,6 +1062,9 @@ class Broker:
         """What `publish` does for each target queue (kept inline there: the hot path),
         for a message with no expiration property (dead-lettered ones). A full
         reject-publish queue refuses it (a reject-publish-dlx one dead-letters it)."""
+        if queue.remote:
+            effects.append(Forward(queue.leader, queue.vhost, queue.name, message))
+            return
         size = len(message.body)
         if queue.limited and queue.refuses(size):
             if queue.overflow_dlx and queue.dead_letters:
@@ -1089,7 +1209,7 @@ class Broker:
         queue.remove_consumer(consumer)
         queue.last_used_ms = self.now_ms
         if queue.auto_delete and not queue.consumers and not queue.deleted:
-            self._delete_queue(queue, effects)
+            self._drop_queue(queue, effects)
         # Single active consumer: like RabbitMQ 3.10, the next subscriber takes over at the
         # queue's next event (a publish, a return, a channel closing), not at the cancel
         # itself, so a closing channel's unacked messages reach it first, in order.
@@ -1156,7 +1276,7 @@ class Broker:
         entries = self._collect(channel, tag, multiple)
         if entries is None:
             return errors.unknown_tag(tag, Method.BASIC_ACK)
-        self._finish(channel, entries, False, effects, dead_letter=False)
+        self._finish(channel, entries, False, effects, dead_letter=False, op="ack")
         return OK
 
     def ack_many(self, ref: ChannelRef, tags: Sequence[int], effects: list[Effect]) -> Reply:
@@ -1175,6 +1295,9 @@ class Broker:
         if entry is None:
             return errors.unknown_tag(tag, Method.BASIC_ACK)
         queue, message, consumer = entry
+        if queue.remote:  # delivered by another node's queue: settled there
+            effects.append(RemoteSettle(queue.leader, channel.ref, message.id, "ack"))
+            return OK
         if not queue.deleted:
             size = len(message.body)
             queue.unacked_count -= 1
@@ -1203,7 +1326,8 @@ class Broker:
         entries = self._collect(channel, tag, multiple)
         if entries is None:
             return errors.unknown_tag(tag, method)
-        self._finish(channel, entries, requeue, effects, dead_letter=True)
+        op = "reject" if reject else "nack"
+        self._finish(channel, entries, requeue, effects, dead_letter=True, op=op)
         return OK
 
     def recover(self, ref: ChannelRef, requeue: bool, effects: list[Effect]) -> Reply:
@@ -1224,12 +1348,19 @@ class Broker:
         effects: list[Effect],
         *,
         dead_letter: bool,
+        op: str = "nack",
     ) -> None:
         """Settle (requeue=False; dead-lettered when `dead_letter`, i.e. from a reject or
-        nack) or give back (requeue=True) unacked entries, then deliver."""
+        nack) or give back (requeue=True) unacked entries, then deliver. Entries another
+        node delivered are relayed to it as `op` (ack, nack or reject)."""
         touched: dict[Queue, None] = {}
         credit = False
         for queue, message, consumer in entries:
+            if queue.remote:
+                effects.append(
+                    RemoteSettle(queue.leader, channel.ref, message.id, op, requeue=requeue)
+                )
+                continue
             if consumer is not None:
                 consumer.unacked -= 1
                 channel.consumer_unacked -= 1
@@ -1336,6 +1467,104 @@ class Broker:
             if queue.counts_deliveries:
                 message = self._stamped(message)  # unacked keeps the stored one
             effects.append(Deliver(channel.ref, chosen.tag, tag, message.redelivered, message))
+
+    # ---- cluster -----------------------------------------------------------------------
+
+    def external_delivery(
+        self,
+        ref: ChannelRef,
+        vhost: str,
+        name: str,
+        leader_tag: int,
+        message: Message,
+        no_ack: bool,
+    ) -> int:
+        """A delivery (or get-ok) that `name`'s leader, another node, made to this node's
+        channel `ref`: the channel's own delivery tag for it. Unless `no_ack`, it waits
+        in the channel's unacked map like a local one; settling it relays the leader's
+        tag (`message.id` holds it) to the leader as a `RemoteSettle`."""
+        channel = self._channel(ref)
+        tag = channel.next_tag
+        channel.next_tag = tag + 1
+        if not no_ack:
+            vh = self.vhosts.get(vhost)
+            queue = vh.queues.get(name) if vh is not None else None
+            if queue is None or not queue.remote:
+                queue = self.void
+            message.id = leader_tag
+            channel.unacked[tag] = (queue, message, None)
+        return tag
+
+    def set_leader(self, vhost: str, name: str, leader: str, effects: list[Effect]) -> bool:
+        """The queue is led by `leader` from now on (placement, failover, rebalance).
+        Deliveries of it still unacked on this node's channels become void (their acks
+        relay nothing). A queue that stops being led here cancels its consumers (with
+        basic.cancel, so clients re-subscribe) and hands its ready messages to the new
+        leader as `Forward` effects; one that starts being led here starts empty."""
+        vh = self.vhosts.get(vhost)
+        queue = vh.queues.get(name) if vh is not None else None
+        if queue is None or queue.leader == leader:
+            return False
+        was_local = not queue.remote and queue.leader != ""
+        self._void_unacked(queue)
+        queue.leader = leader
+        queue.remote = leader != self.node_name
+        if queue.remote and was_local:
+            for consumer in list(queue.consumers):
+                consumer.active = False
+                consumer.channel.consumers.pop(consumer.tag, None)
+                effects.append(CancelConsumer(consumer.channel.ref, consumer.tag))
+                queue.remove_consumer(consumer)
+            for message in queue.messages():
+                message.expires_ms = None
+                effects.append(Forward(leader, vhost, name, message))
+            self.total_bytes -= queue.ready_bytes
+            queue.purge()
+            queue.unacked_count = queue.unacked_bytes = 0
+            self.backlogged.pop(queue, None)
+            self.condemned.pop(queue, None)
+        return True
+
+    def _void_unacked(self, queue: Queue) -> None:
+        void = self.void
+        for channel in self.channels.values():
+            if not channel.unacked:
+                continue
+            for tag, (held, message, consumer) in list(channel.unacked.items()):
+                if held is not queue:
+                    continue
+                if consumer is not None:
+                    consumer.unacked -= 1
+                    channel.consumer_unacked -= 1
+                if not queue.remote:
+                    self.total_bytes -= len(message.body)
+                channel.unacked[tag] = (void, message, None)
+
+    def check_delete(
+        self, vhost: str, name: str, owner: ConnId, *, if_unused: bool, if_empty: bool
+    ) -> Reply:
+        """queue.delete's checks at the queue's leader, before its deletion is
+        replicated: the message count it will answer, or the error."""
+        method = Method.QUEUE_DELETE
+        vh = self.vhosts.get(vhost)
+        if vh is None:
+            return errors.no_vhost(vhost, method)
+        queue = vh.queues.get(name)
+        if queue is None:
+            return Count(0)
+        if queue.exclusive and queue.owner != owner:
+            return errors.locked(vhost, name, method)
+        if if_unused and queue.consumers:
+            return errors.in_use("queue", vhost, name, method)
+        if if_empty and queue.message_count:
+            return errors.not_empty(vhost, name)
+        return Count(queue.message_count)
+
+    def queue_counts(self, vhost: str, name: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of a queue, or None when there is no such queue."""
+        vh = self.vhosts.get(vhost)
+        queue = vh.queues.get(name) if vh is not None else None
+        return None if queue is None else (queue.message_count, queue.consumer_count)
 
     # ---- read-only helpers -------------------------------------------------------------
 

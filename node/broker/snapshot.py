@@ -150,11 +150,13 @@ def _as_after_requeue(now_ms: int, queue: Queue, held: list[tuple[int, Message, 
     del held[:start]
 
 
-def dump(broker: Broker) -> dict[str, Any]:
+def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
+    """The document. `messages=False` leaves every queue's messages out (a cluster's
+    replicated topology: messages live on queue leaders, not in the Raft snapshot)."""
     unacked: dict[Queue, list[Message]] = {}
     for channel in broker.channels.values():
         for queue, message, _ in channel.unacked.values():
-            if not queue.deleted:
+            if not queue.deleted and not queue.remote:
                 unacked.setdefault(queue, []).append(message)
     vhosts = []
     for vh in broker.vhosts.values():
@@ -173,10 +175,11 @@ def dump(broker: Broker) -> dict[str, Any]:
                 encode_table(q.arguments),
                 q.had_consumers,
                 q.last_used_ms,
-                _queue_messages(broker, q, unacked.get(q, [])),
+                _queue_messages(broker, q, unacked.get(q, [])) if messages else [],
             ]
             for q in vh.queues.values()
         ]
+        leaders = {q.name: q.leader for q in vh.queues.values() if q.leader}
         bindings = [
             [
                 b.source.name,
@@ -187,8 +190,11 @@ def dump(broker: Broker) -> dict[str, Any]:
             ]
             for b in vh.bindings.values()
         ]
-        vhosts.append({"name": vh.name, "exchanges": exchanges, "queues": queues,
-                       "bindings": bindings})  # fmt: skip
+        vdoc: dict[str, Any] = {"name": vh.name, "exchanges": exchanges, "queues": queues,
+                                "bindings": bindings}  # fmt: skip
+        if leaders:
+            vdoc["leaders"] = leaders  # cluster only: which node leads each queue
+        vhosts.append(vdoc)
     return {
         "version": VERSION,
         "next_message_id": broker.next_message_id,
@@ -230,6 +236,7 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
             )
             queue.had_consumers = had
             queue.last_used_ms = used
+            queue.leader = str(vdoc.get("leaders", {}).get(name, ""))
             for data in messages:
                 message = decode_message(data)
                 queue.push(message)

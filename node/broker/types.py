@@ -95,7 +95,41 @@ class CancelConsumer:
     consumer_tag: str
 
 
-Effect = Deliver | CancelConsumer
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Cluster: a message for a queue led by another node (dead-lettered, requeued by a
+    move, or enqueued by the model itself): the shell sends it to `leader` over the link."""
+
+    leader: str
+    vhost: str
+    queue: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSettle:
+    """Cluster: the client settled a delivery that a remote queue leader made; the shell
+    relays it there. `op` is "ack", "nack" or "reject"; `tag` is the leader's own tag. A
+    `leader` of "" means the delivery is void (its queue moved): nothing to relay."""
+
+    leader: str
+    channel: ChannelRef
+    tag: int
+    op: str
+    requeue: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Condemned:
+    """Cluster: a queue led here must go (auto-delete, exclusive owner gone, x-expires);
+    the shell replicates its deletion instead of the model deleting it on one node."""
+
+    vhost: str
+    queue: str
+    owner: ConnId
+
+
+Effect = Deliver | CancelConsumer | Forward | RemoteSettle | Condemned
 
 
 # ---- Replies: what a command answers to the channel that sent it ----------------------
@@ -126,11 +160,14 @@ class Routed:
     channel sends basic.return(312, NO_ROUTE) before any confirm. `rejected` is set when a
     queue it was routed to refused it (x-overflow reject-publish at its length limit): the
     publisher's confirm for it must be a basic.nack (no basic.return: it was routed).
-    `queues` counts the queues it was routed to, refusing ones included."""
+    `queues` counts the queues it was routed to, refusing ones included, remote ones too."""
 
     queues: int
     returned: bool = False
     rejected: bool = False
+    # Cluster: the target queues led by other nodes (not enqueued here; the channel
+    # forwards the message to their leaders and confirms once they have taken it).
+    remote: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ def _start(tmp: Path, *extra: str) -> Node:
         sys.executable, "-m", "node.cli", "node",
         "--host", "127.0.0.1", "--port", str(port),
         "--name", f"test-{port}", "--data-dir", str(data_dir),
+        "--management-port", "0", "--metrics-port", "0",
         *extra,
     ]  # fmt: skip
     with log_path.open("wb") as log:
@@ -487,7 +488,14 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
             text=True,
             timeout=timeout,
             cwd=Path(__file__).resolve().parents[2],
-            env={**os.environ, **(env or {})},
+            # No management or metrics port unless a test asks: the defaults (15672,
+            # 15692) may be taken on this machine.
+            env={
+                **os.environ,
+                "WARREN_MANAGEMENT_PORT": "0",
+                "WARREN_METRICS_PORT": "0",
+                **(env or {}),
+            },
         )
 
     return run

@@ -1,0 +1,800 @@
+"""One node's membership in the cluster: Raft, the node link, queue leaders, forwarding.
+
+Rules:
+- Runs on the node's event loop. pysyncobj's thread only hands entries over
+  (`call_soon_threadsafe`); every entry is applied to the node's `StateMachine` on the
+  loop, in log order, so the state is never touched by two threads. Raft snapshots are
+  taken on the loop too (the tick thread waits for them): they hold exactly the entries
+  the tick thread has handed over.
+- Topology changes and cluster commands go through `replicate`: the client's -ok is sent
+  once the entry is applied here AND every other reachable node has said it applied it
+  (APPLIED), so whatever node the client uses next already sees the change.
+- A queue lives on its leader. The node a client is connected to (the origin) routes its
+  publishes with its full copy of the bindings, keeps the local copies and forwards the
+  rest to each target queue's leader once (ENQUEUE); consumers of queues led elsewhere
+  are remote consumers: the leader holds a proxy channel with the client's (globally
+  unique) channel ref and sends its deliveries back (DELIVER); acks travel the other way
+  as commands for that proxy channel.
+- The Raft leader watches the members: one that stays unreachable over the link for
+  DOWN_AFTER_S is replicated as NodeDown (its queues move to live nodes), and NodeUp when
+  it is back.
+- Nothing here blocks the loop; nothing here raises into a client's connection: failures
+  become `ClusterUnavailable` (the channel answers with a channel error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+
+from cluster import codec, wire
+from cluster import commands as c
+from cluster.link import NodeLink
+from cluster.raft import MaybeApplied, NotApplied, RaftClosed, RaftConfig, RaftError, RaftNode
+from cluster.state import StateMachine
+from node.broker.types import (
+    AmqpError,
+    CancelConsumer,
+    ChannelRef,
+    Condemned,
+    Count,
+    Deliver,
+    Effect,
+    Forward,
+    Outcome,
+    QueueDeclared,
+    RemoteSettle,
+    Reply,
+)
+from node.logs import EventLogger
+
+# How long a client waits for a topology change before it is told the cluster cannot
+# take it (pika's blocking calls have no timeout of their own: never hang past this).
+REPLICATE_TIMEOUT_S: Final = 5.0
+# How long the origin waits for other reachable nodes to apply an entry before it
+# answers anyway (a slow node must not stall every declare).
+APPLIED_WAIT_S: Final = 2.0
+RPC_TIMEOUT_S: Final = 5.0
+MONITOR_PERIOD_S: Final = 0.1
+# A member unreachable over the link this long is declared down by the Raft leader.
+DOWN_AFTER_S: Final = 0.4
+SNAPSHOT_WAIT_S: Final = 60.0
+# After this node became ready, members are not judged for a while: links come up.
+STARTUP_GRACE_S: Final = 3.0
+NO_QUORUM = 541  # replaced by the channel's error: see unavailable()
+
+
+class ClusterUnavailable(Exception):
+    """The cluster could not take a change or answer a request; `error` is what the
+    client's channel is closed with."""
+
+    def __init__(self, error: AmqpError) -> None:
+        super().__init__(error.reply_text)
+        self.error = error
+
+
+def unavailable(node: str, why: str) -> ClusterUnavailable:
+    return ClusterUnavailable(
+        AmqpError(
+            406,
+            f"PRECONDITION_FAILED - node {node} cannot change the cluster's topology now: {why}",
+        )
+    )
+
+
+def leader_down(vhost: str, queue: str, leader: str) -> AmqpError:
+    return AmqpError(
+        404,
+        f"NOT_FOUND - home node '{leader}' of queue '{queue}' in vhost '{vhost}' "
+        "is down or inaccessible",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    name: str
+    data_dir: Path
+    raft_host: str  # bind address of the Raft port
+    raft_port: int
+    link_host: str
+    link_port: int
+    advertise_host: str  # how other nodes reach this one
+    peers: tuple[tuple[str, str, int], ...]  # (name, host, raft port), self excluded
+    secret: str
+    amqp_address: str = ""
+    management_address: str = ""
+    queue_leader_locator: str = "client-local"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.advertise_host}:{self.raft_port}"
+
+
+class Shell(Protocol):
+    """What the cluster needs from the node that serves clients (node/server.py)."""
+
+    state: StateMachine
+
+    def execute(self, command: c.AnyCommand) -> Reply: ...
+
+    def dispatch(self) -> None: ...
+
+    def deliver_remote(self, delivery: wire.Delivery) -> bool: ...
+
+    def remote_confirm(self, peer: str, ref: ChannelRef, seq: int, ok: bool) -> None: ...
+
+    def absorb(self, effects: list[Effect]) -> None: ...
+
+    def remote_cancel(self, ref: ChannelRef, tag: str) -> None: ...
+
+    def peer_lost(self, node: str) -> None: ...
+
+    def queue_moved(self) -> None: ...
+
+    def replace_state(self, state: StateMachine) -> None: ...
+
+
+class ClusterNode:
+    def __init__(self, config: ClusterConfig, shell: Shell, log: EventLogger) -> None:
+        self.config = config
+        self.name = config.name
+        self.shell = shell
+        self.log = log.bind(component="cluster")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._inbox_ready = asyncio.Event()
+        self._raft: RaftNode | None = None
+        self._link = NodeLink(
+            name=config.name,
+            host=config.link_host,
+            port=config.link_port,
+            secret=config.secret,
+            log=log,
+            on_message=self._on_message,
+            on_peer_up=self._on_peer_up,
+            on_peer_down=self._on_peer_down,
+        )
+        boot = os.urandom(4).hex()
+        self._id_prefix = f"{config.name}\x00{boot}\x00".encode()
+        self._ids = itertools.count(1)
+        self._waiters: dict[bytes, asyncio.Future[Outcome | None]] = {}
+        self._acks: dict[bytes, set[str]] = {}
+        self._ack_events: dict[bytes, anyio.Event] = {}
+        self._requests: dict[int, asyncio.Future[Reply]] = {}
+        self._request_nodes: dict[int, str] = {}
+        self._rids = itertools.count(1)
+        # Proxy channels held here for other nodes' clients: connection id -> origin.
+        self.remote_conns: dict[int, str] = {}
+        self._applied_out: dict[str, list[bytes]] = {}
+        self._down_since: dict[str, float] = {}
+        self._started = time.monotonic()
+        self._tg: TaskGroup | None = None
+        self.ready = anyio.Event()
+        self.leader_changes = 0
+        self._last_leader: str | None = None
+        self.forwarded_messages = 0
+        self.forwarded_bytes = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def link(self) -> NodeLink:
+        return self._link
+
+    @property
+    def raft(self) -> RaftNode:
+        assert self._raft is not None
+        return self._raft
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Link, Raft, announcement, then the monitor; `started()` once this node has
+        caught up with the log and announced itself (it may then serve clients)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        cfg = self.config
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._applier)
+            await tg.start(self._link.serve)
+            raft_config = RaftConfig(
+                self_address=(cfg.advertise_host, cfg.raft_port),
+                peers=tuple((host, port) for _, host, port in cfg.peers),
+                data_dir=cfg.data_dir,
+                password=cfg.secret,
+                bind_host=cfg.raft_host,
+            )
+            self._raft = RaftNode(
+                raft_config, self._apply_on_tick, self._snapshot_on_tick, self._restore_on_tick
+            )
+            self.log.info(
+                "cluster.starting",
+                raft=cfg.raft_address,
+                link=f"{cfg.advertise_host}:{self._link.port}",
+                peers=",".join(f"{n}={h}:{p}" for n, h, p in cfg.peers),
+            )
+            try:
+                await self._wait_ready()
+                await self._announce()
+                self.ready.set()
+                self._started = time.monotonic()
+                self.log.info("cluster.ready", raft_leader=self.raft.status().leader)
+                tg.start_soon(self._monitor)
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    raft = self._raft
+                    self._raft = None
+                    await anyio.to_thread.run_sync(raft.close)
+                tg.cancel_scope.cancel()
+
+    async def _wait_ready(self) -> None:
+        started = time.monotonic()
+        last_log = started
+        while not await anyio.to_thread.run_sync(self.raft.wait_ready, 0.2):
+            if time.monotonic() - last_log > 2.0:
+                last_log = time.monotonic()
+                status = self.raft.status()
+                self.log.info(
+                    "cluster.waiting",
+                    reason="catching up with the raft log / no leader yet",
+                    waited_s=round(last_log - started, 1),
+                    raft_leader=status.leader,
+                    connected=",".join(status.connected),
+                )
+
+    async def _announce(self) -> None:
+        cfg = self.config
+        member = c.Member(
+            now_ms=_now_ms(),
+            name=cfg.name,
+            raft=cfg.raft_address,
+            link=f"{cfg.advertise_host}:{self._link.port}",
+            amqp=cfg.amqp_address,
+            management=cfg.management_address,
+        )
+        while True:
+            try:
+                await self.replicate([member], wait_peers=False)
+                return
+            except ClusterUnavailable as exc:
+                self.log.info("cluster.announce_retry", reason=str(exc))
+                await anyio.sleep(0.5)
+
+    # ---- Raft: entries in, on the loop -------------------------------------------------
+
+    def _call_on_loop(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop, inside the applier task, after everything handed over
+        before it (entries, restores and snapshots keep the log's order)."""
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._hand_over, fn)
+
+    def _hand_over(self, fn: Callable[[], None]) -> None:
+        self._inbox.append(fn)
+        self._inbox_ready.set()
+
+    async def _applier(self) -> None:
+        while True:
+            await self._inbox_ready.wait()
+            self._inbox_ready.clear()
+            while self._inbox:
+                fn = self._inbox.popleft()
+                try:
+                    fn()
+                except Exception:
+                    self.log.exception("raft.apply_failed")
+
+    def _apply_on_tick(self, entry: bytes) -> bytes:
+        # pysyncobj's thread: hand over, in order; the loop applies.
+        self._call_on_loop(lambda: self._apply_entry(entry))
+        return b""
+
+    def _apply_entry(self, entry: bytes) -> None:
+        try:
+            entries = codec.decode_entry(entry)
+        except codec.CodecError as exc:
+            self.log.error("raft.entry_undecodable", size=len(entry), reason=str(exc))
+            return
+        state = self.shell.state
+        outcomes = state.apply_logged(entries)
+        moved = False
+        for (command, command_id), outcome in zip(entries, outcomes, strict=True):
+            if outcome is not None and outcome.effects:
+                self.shell.absorb(outcome.effects)
+            if type(command) in _MOVES:
+                moved = True
+            if type(command) is c.Member:
+                self._learn_member(command)
+            if command_id is None:
+                continue
+            waiter = self._waiters.pop(command_id, None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(outcome)
+            else:
+                origin = _origin(command_id)
+                if origin and origin != self.name:
+                    self._applied_out.setdefault(origin, []).append(command_id)
+        for origin, ids in self._applied_out.items():
+            self._link.send(origin, wire.applied(tuple(ids)))
+        self._applied_out.clear()
+        if moved:
+            self.shell.queue_moved()
+        self.shell.dispatch()
+
+    def _learn_member(self, member: c.Member) -> None:
+        if member.name == self.name or not member.link:
+            return
+        host, _, port = member.link.rpartition(":")
+        self._link.set_peer(member.name, (host, int(port)))
+
+    def _snapshot_on_tick(self) -> bytes:
+        box: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                box.set_result(self.shell.state.topology_snapshot())
+            except BaseException as exc:
+                box.set_exception(exc)
+
+        self._call_on_loop(take)
+        return box.result(timeout=SNAPSHOT_WAIT_S)
+
+    def _restore_on_tick(self, data: bytes) -> None:
+        def restore() -> None:
+            old = self.shell.state
+            state = StateMachine.restore_topology(
+                data, self.name, rewrite_headers=old._broker.rewrite_headers
+            )
+            self.shell.replace_state(state)
+            for member in state.members.values():
+                if member.name != self.name and member.link:
+                    host, _, port = member.link.rpartition(":")
+                    self._link.set_peer(member.name, (host, int(port)))
+            for peer in self._link.up_peers():
+                self._link.send(peer, wire.reset())
+            self.log.info("raft.snapshot_restored", members=len(state.members))
+
+        self._call_on_loop(restore)
+
+    # ---- replicate ---------------------------------------------------------------------
+
+    def new_id(self) -> bytes:
+        return self._id_prefix + str(next(self._ids)).encode()
+
+    async def replicate(
+        self, commands: Sequence[c.AnyCommand], *, wait_peers: bool = True
+    ) -> list[Outcome | None]:
+        """Apply `commands` (one log entry) on every node; their outcomes here. Raises
+        ClusterUnavailable when the cluster could not commit them in time."""
+        raft = self._raft
+        if raft is None:
+            raise unavailable(self.name, "the node is stopping")
+        ids = [self.new_id() for _ in commands]
+        waiters: list[asyncio.Future[Outcome | None]] = []
+        loop = asyncio.get_running_loop()
+        for command_id in ids:
+            waiter: asyncio.Future[Outcome | None] = loop.create_future()
+            self._waiters[command_id] = waiter
+            waiters.append(waiter)
+        entry = codec.encode_batch(commands, command_ids=ids)
+        try:
+            try:
+                await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
+            except NotApplied as exc:
+                raise unavailable(self.name, f"no Raft quorum ({exc})") from None
+            except (MaybeApplied, RaftClosed) as exc:
+                if not all(w.done() for w in waiters):
+                    raise unavailable(self.name, f"no Raft quorum ({exc})") from None
+            except RaftError as exc:
+                raise unavailable(self.name, str(exc)) from None
+            with anyio.move_on_after(APPLIED_WAIT_S):
+                outcomes = [await w for w in waiters]
+            if not all(w.done() for w in waiters):
+                raise unavailable(self.name, "the entry was committed but not applied in time")
+        finally:
+            for command_id in ids:
+                self._waiters.pop(command_id, None)
+        if wait_peers:
+            await self._wait_applied(ids[-1])
+        return outcomes
+
+    async def _wait_applied(self, command_id: bytes) -> None:
+        peers = {p for p in self._link.up_peers() if p in self.shell.state.members}
+        if not peers:
+            return
+        event = anyio.Event()
+        self._ack_events[command_id] = event
+        self._acks[command_id] = set(peers)
+        try:
+            with anyio.move_on_after(APPLIED_WAIT_S):
+                while self._acks[command_id] & self._link.up_peers():
+                    await event.wait()
+                    event = anyio.Event()
+                    self._ack_events[command_id] = event
+        finally:
+            self._acks.pop(command_id, None)
+            self._ack_events.pop(command_id, None)
+
+    def _on_applied(self, peer: str, ids: tuple[bytes, ...]) -> None:
+        for command_id in ids:
+            waiting = self._acks.get(command_id)
+            if waiting is not None:
+                waiting.discard(peer)
+                self._ack_events[command_id].set()
+
+    # ---- requests to other nodes -------------------------------------------------------
+
+    async def call(self, node: str, command: c.AnyCommand) -> Reply:
+        """A command answered by `node` (consume, get, purge, delete checks, counts)."""
+        rid = next(self._rids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._requests[rid] = future
+        self._request_nodes[rid] = node
+        try:
+            if not self._link.send(node, wire.request(rid, command)):
+                raise ConnectionError(node)
+            with anyio.fail_after(RPC_TIMEOUT_S):
+                return await future
+        finally:
+            self._requests.pop(rid, None)
+            self._request_nodes.pop(rid, None)
+
+    def send_command(self, node: str, command: c.AnyCommand) -> bool:
+        return self._link.send(node, wire.command(command))
+
+    def forward(self, node: str, queues: tuple[str, ...], publish: c.Publish, seq: int) -> bool:
+        payload = wire.enqueue(seq, queues, publish)
+        self.forwarded_messages += 1
+        self.forwarded_bytes += len(payload)
+        return self._link.send(node, payload)
+
+    def is_up(self, node: str) -> bool:
+        return node == self.name or self._link.is_up(node)
+
+    # ---- effects the shell hands over --------------------------------------------------
+
+    def remote_effect(self, effect: Deliver | CancelConsumer) -> None:
+        """A delivery or cancel for a proxy channel: to the node of its client."""
+        origin = self.remote_conns.get(effect.channel.conn)
+        if origin is None:
+            return
+        if type(effect) is Deliver:
+            message = effect.message
+            payload = wire.delivery(
+                effect.channel,
+                effect.consumer_tag,
+                effect.delivery_tag,
+                effect.redelivered,
+                False,
+                "",
+                "",
+                message,
+            )
+            if not self._link.send(origin, payload):
+                # Its node is gone: the proxy connection closes at peer_down (requeue).
+                return
+        else:
+            self._link.send(origin, wire.cancel(effect.channel, effect.consumer_tag))
+
+    def cluster_effects(self, effects: Sequence[Effect]) -> None:
+        """Forward, RemoteSettle and Condemned effects, batching acks per channel."""
+        acks: dict[tuple[str, ChannelRef], list[int]] = {}
+        for effect in effects:
+            if type(effect) is RemoteSettle:
+                if not effect.leader:
+                    continue
+                if effect.op == "ack":
+                    acks.setdefault((effect.leader, effect.channel), []).append(effect.tag)
+                    continue
+                self._flush_acks(acks)
+                self.send_command(
+                    effect.leader,
+                    c.Nack(
+                        now_ms=_now_ms(),
+                        channel=effect.channel,
+                        delivery_tag=effect.tag,
+                        requeue=effect.requeue,
+                        reject=effect.op == "reject",
+                    ),
+                )
+            elif type(effect) is Forward:
+                m = effect.message
+                publish = c.new_publish(
+                    _now_ms(),
+                    ChannelRef(0, 0),
+                    effect.vhost,
+                    m.exchange,
+                    m.routing_key,
+                    False,
+                    m.properties,
+                    m.props,
+                    m.body,
+                )
+                self.forward(effect.leader, (effect.queue,), publish, 0)
+            elif type(effect) is Condemned:
+                assert self._tg is not None
+                self._tg.start_soon(self._delete_condemned, effect)
+        self._flush_acks(acks)
+
+    def _flush_acks(self, acks: dict[tuple[str, ChannelRef], list[int]]) -> None:
+        for (leader, channel), tags in acks.items():
+            self.send_command(
+                leader, c.AckMany(now_ms=_now_ms(), channel=channel, delivery_tags=tuple(tags))
+            )
+        acks.clear()
+
+    async def _delete_condemned(self, effect: Condemned) -> None:
+        command = c.DeleteQueue(
+            now_ms=_now_ms(), vhost=effect.vhost, queue=effect.queue, owner=effect.owner
+        )
+        for _ in range(5):
+            try:
+                await self.replicate([command], wait_peers=False)
+                return
+            except ClusterUnavailable as exc:
+                self.log.info("queue.delete_retry", queue=effect.queue, reason=str(exc))
+                await anyio.sleep(1.0)
+
+    # ---- the link ----------------------------------------------------------------------
+
+    def _on_message(self, peer: str, payload: bytes) -> None:
+        try:
+            message = wire.decode(payload)
+        except wire.WireError as exc:
+            self.log.warning("link.bad_message", peer=peer, reason=str(exc))
+            return
+        kind = type(message)
+        shell = self.shell
+        if kind is wire.Enqueue:
+            assert isinstance(message, wire.Enqueue)
+            ok, effects = shell.state.enqueue_forwarded(message.publish, message.queues)
+            if effects:
+                shell.absorb(effects)
+            if message.seq:
+                self._link.send(peer, wire.confirm(message.publish.channel, message.seq, ok))
+            shell.dispatch()
+        elif kind is wire.Delivery:
+            assert isinstance(message, wire.Delivery)
+            if not shell.deliver_remote(message) and not message.no_ack:
+                self.send_command(
+                    peer,
+                    c.Nack(
+                        now_ms=_now_ms(),
+                        channel=message.channel,
+                        delivery_tag=message.delivery_tag,
+                        requeue=True,
+                    ),
+                )
+        elif kind is wire.CommandMsg:
+            assert isinstance(message, wire.CommandMsg)
+            command = message.command
+            conn = _conn_of(command)
+            if conn is not None:
+                if type(command) is c.CloseConnection:
+                    self.remote_conns.pop(conn, None)
+                else:
+                    self.remote_conns[conn] = peer
+            shell.execute(command)
+            shell.dispatch()
+        elif kind is wire.Request:
+            assert isinstance(message, wire.Request)
+            self._serve_request(peer, message)
+        elif kind is wire.Response:
+            assert isinstance(message, wire.Response)
+            future = self._requests.get(message.request_id)
+            if future is not None and not future.done():
+                future.set_result(message.reply)
+        elif kind is wire.Confirm:
+            assert isinstance(message, wire.Confirm)
+            shell.remote_confirm(peer, message.channel, message.seq, message.ok)
+        elif kind is wire.Applied:
+            assert isinstance(message, wire.Applied)
+            self._on_applied(peer, message.ids)
+        elif kind is wire.CancelNotify:
+            assert isinstance(message, wire.CancelNotify)
+            shell.remote_cancel(message.channel, message.consumer_tag)
+        elif kind is wire.Reset:
+            self._peer_gone(peer)
+
+    def _serve_request(self, peer: str, request: wire.Request) -> None:
+        command = request.command
+        shell = self.shell
+        conn = _conn_of(command)
+        if conn is not None:
+            self.remote_conns[conn] = peer
+        reply: Reply
+        if type(command) is c.DeleteQueue:
+            reply = shell.state.check_delete(command)
+        elif type(command) is c.DeclareQueue:
+            counts = shell.state.queue_counts(command.vhost, command.queue)
+            reply = (
+                Count(0) if counts is None else QueueDeclared(command.queue, counts[0], counts[1])
+            )
+        else:
+            reply = shell.execute(command)
+        self._link.send(peer, wire.response(request.request_id, reply))
+        shell.dispatch()  # deliveries after the consume-ok / get-ok
+
+    def _on_peer_up(self, peer: str) -> None:
+        self._down_since.pop(peer, None)
+        self.log.info("link.peer_up", peer=peer)
+
+    def _on_peer_down(self, peer: str) -> None:
+        self._down_since[peer] = time.monotonic()
+        self.log.info("link.peer_down", peer=peer)
+        self._peer_gone(peer)
+
+    def _peer_gone(self, peer: str) -> None:
+        """`peer` lost what it held for us, or we cannot reach it: close the proxy channels
+        of its clients here (their unacked messages are requeued, redelivered), fail its
+        requests, and let the shell cancel consumers and fail confirms pending there."""
+        for conn, origin in list(self.remote_conns.items()):
+            if origin == peer:
+                del self.remote_conns[conn]
+                self.shell.execute(c.CloseConnection(now_ms=_now_ms(), conn=conn))
+        for rid, node in list(self._request_nodes.items()):
+            future = self._requests.get(rid)
+            if node == peer and future is not None and not future.done():
+                future.set_exception(ConnectionError(peer))
+        for command_id, waiting in self._acks.items():
+            if peer in waiting:
+                waiting.discard(peer)
+                self._ack_events[command_id].set()
+        self.shell.peer_lost(peer)
+        self.shell.dispatch()
+
+    # ---- the Raft leader's watch over the members --------------------------------------
+
+    async def _monitor(self) -> None:
+        while True:
+            await anyio.sleep(MONITOR_PERIOD_S)
+            raft = self._raft
+            if raft is None:
+                return
+            status = raft.status()
+            if status.leader != self._last_leader:
+                self.leader_changes += 1
+                self._last_leader = status.leader
+                self.log.info("raft.leader", leader=status.leader, term=status.term)
+            now = time.monotonic()
+            if status.role != "leader" or now - self._started < STARTUP_GRACE_S:
+                continue
+            for member in list(self.shell.state.members.values()):
+                if member.name == self.name:
+                    continue
+                up = self._link.is_up(member.name)
+                if member.alive and not up:
+                    since = self._down_since.setdefault(member.name, now)
+                    if now - since >= DOWN_AFTER_S:
+                        await self._replicate_quietly(
+                            c.NodeDown(now_ms=_now_ms(), node=member.name)
+                        )
+                elif not member.alive and up:
+                    await self._replicate_quietly(c.NodeUp(now_ms=_now_ms(), node=member.name))
+
+    async def _replicate_quietly(self, command: c.AnyCommand) -> None:
+        try:
+            await self.replicate([command], wait_peers=False)
+            self.log.info(
+                "cluster." + type(command).__name__.lower(), node=getattr(command, "node", "")
+            )
+        except ClusterUnavailable as exc:
+            self.log.info("cluster.command_failed", command=type(command).__name__, reason=str(exc))
+
+    # ---- operators ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        state = self.shell.state
+        raft = self._raft
+        counts = state.leader_counts()
+        members = []
+        raft_status = raft.status() if raft is not None else None
+        for member in sorted(state.members.values(), key=lambda m: m.name):
+            members.append(
+                {
+                    "name": member.name,
+                    "raft_address": member.raft,
+                    "amqp_address": member.amqp or None,
+                    "link_address": member.link or None,
+                    "management_address": member.management or None,
+                    "reachable": self.is_up(member.name),
+                    "alive": member.alive,
+                    "queues_led": counts.get(member.name, 0),
+                }
+            )
+        leader_name = None
+        if raft_status is not None and raft_status.leader is not None:
+            leader_name = next(
+                (m.name for m in state.members.values() if m.raft == raft_status.leader),
+                raft_status.leader,
+            )
+        return {
+            "node": self.name,
+            "raft": {
+                "leader": leader_name,
+                "role": raft_status.role if raft_status else "stopped",
+                "term": raft_status.term if raft_status else 0,
+                "commit_index": raft_status.commit_index if raft_status else 0,
+                "last_applied": raft_status.last_applied if raft_status else 0,
+                "has_quorum": bool(raft_status and raft_status.has_quorum),
+                "leader_changes": self.leader_changes,
+            },
+            "members": members,
+            "queues": sum(counts.values()),
+        }
+
+    async def rebalance(self) -> dict[str, Any]:
+        from cluster import placement
+
+        state = self.shell.state
+        movable = [
+            (v, q, leader) for v, q, leader, exclusive in state.queue_leaders() if not exclusive
+        ]
+        moves = placement.rebalance(movable, state.alive())
+        current = {(v, q): leader for v, q, leader in movable}
+        commands: list[c.AnyCommand] = [
+            c.SetLeader(now_ms=_now_ms(), vhost=v, queue=q, leader=n, expect=current[(v, q)])
+            for v, q, n in moves
+        ]
+        if commands:
+            await self.replicate(commands)
+        return {"moved": len(commands), "leaders": state.leader_counts()}
+
+    async def add_member(self, name: str, raft_address: str) -> None:
+        host, _, port = raft_address.rpartition(":")
+        future = self.raft.add_member((host, int(port)))
+        try:
+            await asyncio.wrap_future(future)
+        except RaftError as exc:
+            raise unavailable(self.name, f"add-member {name}: {exc}") from None
+
+    async def remove_member(self, name: str) -> None:
+        member = self.shell.state.members.get(name)
+        if member is None:
+            raise ClusterUnavailable(AmqpError(404, f"no member named {name!r}"))
+        host, _, port = member.raft.rpartition(":")
+        try:
+            await asyncio.wrap_future(self.raft.remove_member((host, int(port))))
+        except RaftError as exc:
+            raise unavailable(self.name, f"remove-member {name}: {exc}") from None
+        await self.replicate([c.ForgetMember(now_ms=_now_ms(), node=name)])
+        self._link.remove_peer(name)
+
+
+_MOVES = frozenset({c.SetLeader, c.NodeDown, c.ForgetMember, c.DeleteQueue})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _origin(command_id: bytes) -> str:
+    name, sep, _ = command_id.partition(b"\x00")
+    return name.decode("utf-8", "replace") if sep else ""
+
+
+def _conn_of(command: c.AnyCommand) -> int | None:
+    channel = getattr(command, "channel", None)
+    if isinstance(channel, ChannelRef):
+        return channel.conn
+    conn = getattr(command, "conn", None)
+    return conn if isinstance(conn, int) else None
