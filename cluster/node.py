@@ -396,6 +396,12 @@ class ClusterNode:
             self._waiters[command_id] = waiter
             waiters.append(waiter)
         entry = codec.encode_batch(commands, command_ids=ids)
+        last = ids[-1]
+        if wait_peers:
+            # Registered before submitting: other nodes may apply (and say so) before
+            # this node's own submit returns.
+            self._acks[last] = {p for p in self._link.up_peers() if p in self.shell.state.members}
+            self._ack_events[last] = anyio.Event()
         try:
             try:
                 await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
@@ -410,29 +416,22 @@ class ClusterNode:
                 outcomes = [await w for w in waiters]
             if not all(w.done() for w in waiters):
                 raise unavailable(self.name, "the entry was committed but not applied in time")
+            if wait_peers:
+                await self._wait_applied(last)
         finally:
             for command_id in ids:
                 self._waiters.pop(command_id, None)
-        if wait_peers:
-            await self._wait_applied(ids[-1])
+            self._acks.pop(last, None)
+            self._ack_events.pop(last, None)
         return outcomes
 
     async def _wait_applied(self, command_id: bytes) -> None:
-        peers = {p for p in self._link.up_peers() if p in self.shell.state.members}
-        if not peers:
-            return
-        event = anyio.Event()
-        self._ack_events[command_id] = event
-        self._acks[command_id] = set(peers)
-        try:
-            with anyio.move_on_after(APPLIED_WAIT_S):
-                while self._acks[command_id] & self._link.up_peers():
-                    await event.wait()
-                    event = anyio.Event()
-                    self._ack_events[command_id] = event
-        finally:
-            self._acks.pop(command_id, None)
-            self._ack_events.pop(command_id, None)
+        """Until every reachable node that had to apply `command_id` said it did."""
+        with anyio.move_on_after(APPLIED_WAIT_S):
+            while self._acks[command_id] & self._link.up_peers():
+                event = self._ack_events[command_id]
+                await event.wait()
+                self._ack_events[command_id] = anyio.Event()
 
     def _on_applied(self, peer: str, ids: tuple[bytes, ...]) -> None:
         for command_id in ids:

@@ -149,7 +149,11 @@ class StateMachine:
         if cmd.now_ms > broker.now_ms:
             broker.now_ms = cmd.now_ms  # the model's clock never goes back
         broker.expire_budget = EXPIRE_BUDGET  # (Broker.begin, inlined: the hot path)
-        return handler(cmd)
+        outcome = handler(cmd)
+        if broker.condemned:  # cluster: deletions this node decided, to replicate
+            outcome.effects.extend(broker.condemned)
+            broker.condemned.clear()
+        return outcome
 
     def apply_logged(
         self, entries: Sequence[tuple[c.AnyCommand, bytes | None]]

@@ -21,7 +21,7 @@ from cluster import commands as cmd
 from cluster import placement, wire
 from cluster.state import StateMachine
 from node.broker import errors
-from node.broker.reply_to import NO_CONSUMER, REPLY_QUEUE
+from node.broker.reply_to import NO_CONSUMER, REPLY_PREFIX, REPLY_QUEUE, node_suffix, reply_node
 from node.broker.types import (
     AmqpError,
     ChannelRef,
@@ -296,6 +296,15 @@ class Channel:
         return self._last_queue
 
     def _publish(self, command: cmd.Publish) -> None:
+        if (
+            self.host.cluster is not None
+            and not command.exchange
+            and command.routing_key.startswith(REPLY_PREFIX)
+        ):
+            node = reply_node(command.routing_key)
+            if node is not None and node != self.host.cluster.name:
+                self._forward_reply(command, node)
+                return
         reply = self.host.execute(command)
         if type(reply) is not Routed:
             reply = self._checked(reply, _PUBLISH)
@@ -315,6 +324,19 @@ class Channel:
             self._forward(command, reply.remote, seq)
 
     # ---- cluster: forwarding and remote consumers --------------------------------------
+
+    def _forward_reply(self, command: cmd.Publish, node: str) -> None:
+        """A direct reply-to reply for a channel on another node: straight there (as
+        RabbitMQ, a reply is never returned as unroutable: mandatory is not honoured)."""
+        cluster = self.host.cluster
+        assert cluster is not None
+        seq = 0
+        if self.confirm:
+            self._confirm_count = seq = self._confirm_count + 1
+        if cluster.forward(node, (command.routing_key,), command, 0):
+            return
+        if seq:
+            self._nacked.add(seq)
 
     def _forward(self, command: cmd.Publish, queues: tuple[Any, ...], seq: int) -> None:
         """Hand the message to the leaders of its target queues led elsewhere, once per
@@ -747,7 +769,7 @@ class Channel:
             no_ack=m.no_ack,
             exclusive=m.exclusive,
             arguments=m.arguments or {},
-            reply_key=generate_name("") if queue == REPLY_QUEUE else "",
+            reply_key=self._reply_key() if queue == REPLY_QUEUE else "",
         )
         leader = None if queue == REPLY_QUEUE else self._remote_leader(queue)
         if leader is not None:
@@ -761,6 +783,10 @@ class Channel:
         assert isinstance(reply, ConsumeOk)
         if not m.nowait:
             self._send(spec.Basic.ConsumeOk(tag))
+
+    def _reply_key(self) -> str:
+        cluster = self.host.cluster
+        return generate_name("") + (node_suffix(cluster.name) if cluster is not None else "")
 
     def _remote_consume(self, leader: str, command: cmd.Consume, m: spec.Basic.Consume) -> None:
         """A consumer of a queue another node leads: attached there on a proxy of this

@@ -285,6 +285,7 @@ def node(
         cluster_name=cluster_name,
         management_host=management_host or host,
         management_port=management_port or None,
+        metrics_port=metrics_port or None,
     )
     log = EventLogger(logging.getLogger("warren"), node=node_name)
     cluster = None
@@ -315,13 +316,10 @@ def node(
             management_address=f"{advertise}:{management_port}" if management_port else "",
             queue_leader_locator=queue_leader_locator,
         )
-    if management_port:
-        problem = _port_problem(config.management_host, management_port)
+    for what, port_ in (("management", management_port), ("metrics", metrics_port)):
+        problem = _port_problem(config.management_host, port_) if port_ else None
         if problem:
-            _fail(
-                f"cannot listen on {config.management_host}:{management_port} "
-                f"(management): {problem}"
-            )
+            _fail(f"cannot listen on {config.management_host}:{port_} ({what}): {problem}")
     _tune_gc()
     _run_node(config, log, cluster)
     sys.exit(0)

@@ -36,6 +36,7 @@ class NodeConfig:
     cluster_name: str = "warren"
     management_host: str = "0.0.0.0"
     management_port: int | None = None  # None: no management HTTP API
+    metrics_port: int | None = None  # None: no Prometheus endpoint
     extra: dict[str, str] = field(default_factory=dict)
 
     def user(self, name: str) -> User | None:

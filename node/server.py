@@ -823,6 +823,11 @@ async def serve(
                     from node.management import management_server
 
                     await tg.start(management_server(node, config, log).serve)
+                if config.metrics_port is not None:
+                    from node.metrics import metrics_server
+
+                    server = metrics_server(node, config.management_host, config.metrics_port, log)
+                    await tg.start(server.serve)
 
                 async def accept_loop() -> None:
                     async with listener:

@@ -196,11 +196,11 @@ class Broker:
         self.backlogged: dict[Queue, None] = {}
         self.replies = DirectReply()
         # Cluster (see set_leader): this node's name, and whether queue deletions that
-        # this node alone decides (auto-delete, exclusive owner gone, x-expires) become
-        # `Condemned` effects for the shell to replicate instead of happening here.
+        # this node alone decides (auto-delete, exclusive owner gone, x-expires) are also
+        # reported as `Condemned` effects, for the shell to replicate to the other nodes.
         self.node_name = ""
         self.clustered = False
-        self.condemned: dict[Queue, None] = {}
+        self.condemned: list[Condemned] = []  # drained into each command's effects
         # Stands in for the queue of an unacked delivery that became void when its queue
         # changed leader: settling it relays nothing.
         self.void = Queue(
@@ -571,23 +571,17 @@ class Broker:
             and not queue.remote
             and self._idle_expired(queue)
         ):
-            if not self.clustered:
-                self._delete_queue(queue, [])
-                return None
-            self._condemn(queue, [])
+            self._drop_queue(queue, [])
+            return None
         return queue
 
     def _drop_queue(self, queue: Queue, effects: list[Effect]) -> None:
-        """A deletion this node decides alone: done at once, or condemned in a cluster."""
+        """A deletion this node decides alone (auto-delete, exclusive owner gone,
+        x-expires): done here at once; in a cluster also recorded in `condemned` for the
+        shell to replicate (the other nodes drop their copy when that commits)."""
         if self.clustered:
-            self._condemn(queue, effects)
-        else:
-            self._delete_queue(queue, effects)
-
-    def _condemn(self, queue: Queue, effects: list[Effect]) -> None:
-        if queue not in self.condemned:
-            self.condemned[queue] = None
-            effects.append(Condemned(queue.vhost, queue.name, queue.owner or 0))
+            self.condemned.append(Condemned(queue.vhost, queue.name, queue.owner or 0))
+        self._delete_queue(queue, effects)
 
     def _idle_expired(self, queue: Queue) -> bool:
         assert queue.expires is not None
@@ -648,7 +642,6 @@ class Broker:
         del vh.queues[queue.name]
         self.expiring.pop(queue, None)
         self.expirable.pop(queue, None)
-        self.condemned.pop(queue, None)
         if queue.owner is not None:
             conn = self.conns.get(queue.owner)
             if conn is not None:
@@ -815,6 +808,9 @@ class Broker:
         message_id = self.next_message_id
         self.next_message_id = message_id + 1
         for name in names:
+            if name.startswith(REPLY_PREFIX):  # a direct reply-to reply for a channel here
+                self._reply(name, False, properties, props, body, now_ms, effects)
+                continue
             queue = vh.queues.get(name)
             if queue is None or queue.remote:
                 continue
@@ -1522,7 +1518,6 @@ class Broker:
             queue.purge()
             queue.unacked_count = queue.unacked_bytes = 0
             self.backlogged.pop(queue, None)
-            self.condemned.pop(queue, None)
         return True
 
     def _void_unacked(self, queue: Queue) -> None:

@@ -16,6 +16,9 @@ Pure: imports only the broker's own modules.
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from node.broker.types import AmqpError, ChannelRef
 
 REPLY_QUEUE = "amq.rabbitmq.reply-to"
@@ -31,6 +34,23 @@ def _precondition(text: str, ids: tuple[int, int]) -> AmqpError:
 CANNOT_ACK = _precondition("reply consumer cannot acknowledge", _CONSUME)
 ALREADY_SET = _precondition("reply consumer already set", _CONSUME)
 NO_CONSUMER = _precondition("fast reply consumer does not exist", _PUBLISH)
+
+
+def node_suffix(node: str) -> str:
+    """In a cluster, a reply key ends with "." and its node's name (url-safe base64), so a
+    reply published on any node finds the node of the requesting channel."""
+    return "." + base64.urlsafe_b64encode(node.encode()).decode().rstrip("=")
+
+
+def reply_node(routing_key: str) -> str | None:
+    """The node named by a reply address's key, if it names one."""
+    _, dot, token = routing_key[len(REPLY_PREFIX) :].rpartition(".")
+    if not dot or not token:
+        return None
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
 
 
 class DirectReply:

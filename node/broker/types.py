@@ -121,8 +121,8 @@ class RemoteSettle:
 
 @dataclass(frozen=True, slots=True)
 class Condemned:
-    """Cluster: a queue led here must go (auto-delete, exclusive owner gone, x-expires);
-    the shell replicates its deletion instead of the model deleting it on one node."""
+    """Cluster: a queue led here went (auto-delete, exclusive owner gone, x-expires): it
+    is already gone on this node; the shell replicates its deletion to the others."""
 
     vhost: str
     queue: str

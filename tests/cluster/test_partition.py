@@ -1,0 +1,263 @@
+"""A real network partition: each node runs in a network namespace of its own, joined to
+the root namespace (where the test's clients run) by a veth pair; the root namespace
+routes between them. Blackhole routes cut one node off from the other two while the test
+can still reach all three. Needs root (`ip netns`); without it the test fails, loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika.exceptions
+import pytest
+
+from tests.cluster.support import Cluster, ClusterFactory, bounded, unique, wait_until
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    cmd = ["ip", *(("netns", "exec", ns, "ip") if ns else ()), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@dataclass
+class Netns:
+    """Three namespaces wnp<pid>-<i>; node i at 10.77.<base+i>.2, root side .1."""
+
+    tag: str
+    base: int
+    names: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    blackholes: list[tuple[str, str]] = field(default_factory=list)  # (ns, address)
+    forward_was: str = ""
+
+    def host(self, i: int) -> str:
+        return f"10.77.{self.base + i}.2"
+
+    def setup(self) -> None:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            self.forward_was = f.read().strip()
+        for i in range(3):
+            ns = f"wnp{self.tag}-{i}"
+            root_if, ns_if = f"wv{self.tag}r{i}", f"wv{self.tag}n{i}"
+            _ip("netns", "add", ns)
+            self.names.append(ns)
+            _ip("link", "add", root_if, "type", "veth", "peer", "name", ns_if)
+            self.links.append(root_if)
+            _ip("link", "set", ns_if, "netns", ns)
+            _ip("addr", "add", f"10.77.{self.base + i}.1/24", "dev", root_if)
+            _ip("link", "set", root_if, "up")
+            _ip("link", "set", "lo", "up", ns=ns)
+            _ip("addr", "add", f"{self.host(i)}/24", "dev", ns_if, ns=ns)
+            _ip("link", "set", ns_if, "up", ns=ns)
+            _ip("route", "add", "default", "via", f"10.77.{self.base + i}.1", ns=ns)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.names[i])
+
+    def isolate(self, i: int) -> None:
+        """Node i can reach neither other node, nor they it (the root still reaches all)."""
+        for j in range(3):
+            if j != i:
+                self._blackhole(self.names[i], self.host(j))
+                self._blackhole(self.names[j], self.host(i))
+
+    def _blackhole(self, ns: str, address: str) -> None:
+        _ip("route", "add", "blackhole", address, ns=ns)
+        self.blackholes.append((ns, address))
+
+    def heal(self) -> None:
+        while self.blackholes:
+            ns, address = self.blackholes.pop()
+            _ip("route", "del", "blackhole", address, ns=ns)
+
+    def teardown(self) -> None:
+        for ns in self.names:
+            # the nodes are started by this test; end any still running in its namespaces
+            done = subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10
+            )
+            for pid in done.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+        for ns in self.names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        for link in self.links:  # gone with its peer's namespace, normally
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=10)
+        if self.forward_was:
+            with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+                f.write(self.forward_was)
+
+
+def _free_base() -> int:
+    """A 10.77.x.0/24 block of three no interface or route here uses yet."""
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, timeout=10
+    ).stdout
+    start = (os.getpid() % 80) * 3
+    for k in range(84):
+        base = (start + 3 * k) % 252
+        if not any(f"10.77.{base + i}." in routes for i in range(3)):
+            return base
+    raise RuntimeError("no free 10.77.x.0/24 blocks")
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    env = Netns(tag=str(os.getpid() % 100000), base=_free_base())
+    try:
+        env.setup()  # raises (the test errors) without the privileges for `ip netns`
+        yield env
+    finally:
+        env.teardown()
+
+
+def _declare_outcome(c: Cluster, i: int, name: str) -> tuple[str, float, Any]:
+    """("ok" | "channel-error", seconds, detail) of a queue.declare on node i, on a fresh
+    connection (runs on a worker thread: see `bounded`)."""
+    conn = c[i].connect()
+    started = time.monotonic()
+    try:
+        ch = conn.channel()
+        try:
+            ch.queue_declare(name)
+            return "ok", time.monotonic() - started, None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return "channel-error", time.monotonic() - started, (exc.reply_code, exc.reply_text)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _exists_on(c: Cluster, i: int, name: str) -> bool:
+    conn = c[i].connect()
+    try:
+        conn.channel().queue_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("isolated_role", ["raft-follower", "raft-leader"])
+def test_minority_refuses_changes_and_catches_up_after_heal(
+    netns: Netns, start_cluster: ClusterFactory, isolated_role: str
+) -> None:
+    c = start_cluster(
+        hosts=[netns.host(i) for i in range(3)],
+        prefixes=[netns.prefix(i) for i in range(3)],
+        extra=("--loopback-users", ""),  # clients come from the root namespace
+    )
+    c.wait_monitor_grace()
+    raft_leader = c.raft_leader()
+    if isolated_role == "raft-leader":
+        iso = raft_leader
+    else:
+        iso = next(i for i in range(3) if i != raft_leader)
+    majority = [i for i in range(3) if i != iso]
+    before = unique("q-before-partition")
+    c.channel(iso).queue_declare(before)  # led by the node we cut off
+    shared = unique("q-majority-led")
+    c.channel(majority[0]).queue_declare(shared)
+
+    netns.isolate(iso)
+    cut = time.monotonic()
+
+    # the isolated node refuses a declare with a channel error, within 10 s
+    refused = unique("q-refused")
+    outcome, took, detail = bounded(
+        lambda: _declare_outcome(c, iso, refused), 12, f"queue.declare on isolated {c[iso].name}"
+    )
+    print(
+        f"\n[{isolated_role}] declare on isolated {c[iso].name}: {outcome} in {took:.2f}s {detail}"
+    )
+    assert outcome == "channel-error", f"the isolated node accepted a declare ({took:.2f}s)"
+    assert detail[0] == 406, detail
+    assert "quorum" in detail[1].lower(), detail
+    assert time.monotonic() - cut < 10.5
+    assert took < 10.0
+
+    # it knows it has no quorum
+    wait_until(
+        lambda: c.status(iso)["raft"]["has_quorum"] is False,
+        15,
+        f"{c[iso].name} to report has_quorum false",
+    )
+
+    # the majority still takes changes (after electing a new leader if needed)
+    during = []
+    for k, i in enumerate(majority * 2):
+        name = unique(f"q-during{k}")
+        outcome, took, detail = bounded(
+            lambda i=i, name=name: _declare_outcome(c, i, name), 12, f"declare on {c[i].name}"
+        )
+        if outcome != "ok":  # the first one may race the election: one retry
+            time.sleep(1.0)
+            outcome, took, detail = bounded(
+                lambda i=i, name=name: _declare_outcome(c, i, name), 12, f"declare on {c[i].name}"
+            )
+        assert outcome == "ok", f"{c[i].name} (majority side) refused a declare: {detail}"
+        during.append(name)
+    majority_leader = c.raft_leader(among=majority, timeout=15)
+    assert majority_leader in majority
+    for i in majority:
+        assert c.status(i)["raft"]["has_quorum"] is True
+    # the majority marks the cut-off node down and moves its queue to a live node
+    wait_until(
+        lambda: c.queue_leader(majority[0], before) in {c[j].name for j in majority},
+        10,
+        f"{before} to move off {c[iso].name}",
+    )
+    pub = c.channel(majority[1], confirm=True)
+    pub.basic_publish("", before, b"kept on the majority")
+    pub.basic_publish("", shared, b"shared")
+
+    # heal: within 20 s the node takes declares again and has what the majority did
+    netns.heal()
+    healed = time.monotonic()
+    after = unique("q-after-heal")
+
+    def accepts() -> bool:
+        outcome, _took, _detail = bounded(
+            lambda: _declare_outcome(c, iso, after), 12, f"declare on healed {c[iso].name}"
+        )
+        return outcome == "ok"
+
+    wait_until(accepts, 20, f"{c[iso].name} to accept declares after the heal", interval=0.5)
+    print(
+        f"[{isolated_role}] {c[iso].name} accepts declares {time.monotonic() - healed:.2f}s after heal"
+    )
+    for name in [*during, before, shared, after]:
+        for i in range(3):
+            assert _exists_on(c, i, name), f"{name} missing on {c[i].name} after the heal"
+    # the refused declare is on every node or on none (no divergence)
+    assert len({_exists_on(c, i, refused) for i in range(3)}) == 1
+    # same placement everywhere, and the moved queue kept what the majority enqueued
+    leaders = [{q["name"]: q["node"] for q in c.queues(i)} for i in range(3)]
+    assert leaders[0] == leaders[1] == leaders[2]
+    method, _props, body = c.channel(iso).basic_get(before, auto_ack=True)
+    assert (method is not None, body) == (True, b"kept on the majority")
+    method, _props, body = c.channel(iso).basic_get(shared, auto_ack=True)
+    assert (method is not None, body) == (True, b"shared")
+    wait_until(
+        lambda: all(
+            m["alive"] and m["reachable"] for i in range(3) for m in c.status(i)["members"]
+        ),
+        15,
+        "every member alive and reachable again",
+    )
+    assert c.status(iso)["raft"]["has_quorum"] is True
