@@ -79,6 +79,7 @@ TAGS: Mapping[type[c.Command], int] = MappingProxyType(
         c.NodeDown: 26,
         c.NodeUp: 27,
         c.ForgetMember: 28,
+        c.DropQueue: 29,
     }
 )
 
@@ -227,6 +228,7 @@ LAYOUTS: Mapping[type[c.Command], Layout] = MappingProxyType(
         c.NodeDown: (_NOW, ("node", STR)),
         c.NodeUp: (_NOW, ("node", STR)),
         c.ForgetMember: (_NOW, ("node", STR)),
+        c.DropQueue: (_NOW, ("vhost", STR), ("queue", STR), ("touched", I64)),
     }
 )
 

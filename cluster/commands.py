@@ -311,6 +311,16 @@ class ForgetMember(Command):
     node: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DropQueue(Command):
+    """A queue its leader condemned (auto-delete, exclusive owner gone, x-expires) goes
+    on every node, unless it was declared again since (`touched` no longer matches)."""
+
+    vhost: str
+    queue: str
+    touched: int
+
+
 AnyCommand = (
     OpenChannel
     | CloseChannel
@@ -340,6 +350,7 @@ AnyCommand = (
     | NodeDown
     | NodeUp
     | ForgetMember
+    | DropQueue
 )
 
 

@@ -67,6 +67,10 @@ HANDSHAKE_MAX_FRAME: Final = 1024
 # A write batch stops growing at this size: beyond it, joining only adds copying.
 BATCH_BYTES: Final = 1 << 20
 RECEIVE_BYTES: Final = 256 * 1024
+# Longest pause of an inbound connection's reading per turn while the receiving node is
+# backlogged (hold_reading): bounded, so a node that feeds itself cannot deadlock.
+HOLD_READING_S: Final = 0.05
+HOLD_POLL_S: Final = 0.001
 BACKOFF_MIN_S: Final = 0.1
 BACKOFF_MAX_S: Final = 1.0
 NONCE_BYTES: Final = 32
@@ -315,6 +319,8 @@ class NodeLink:
         heartbeat_s: float = 0.5,
         dead_after_s: float = 3.0,
         max_frame: int = MAX_FRAME,
+        on_batch_end: Callable[[], None] | None = None,
+        hold_reading: Callable[[], bool] | None = None,
     ) -> None:
         if not name or len(name.encode()) > MAX_NAME_BYTES:
             raise ValueError(f"node name must be 1 to {MAX_NAME_BYTES} UTF-8 bytes")
@@ -330,6 +336,12 @@ class NodeLink:
         self._key = secret.encode()
         self._log = log
         self._on_message = on_message
+        # Called after the messages of one socket read were handed over (the caller
+        # flushes what they caused once per read, not once per message).
+        self._on_batch_end = on_batch_end
+        # While it answers True, inbound connections pause before their next read, for at
+        # most HOLD_READING_S a turn: TCP backpressure then reaches the sending node.
+        self._hold_reading = hold_reading
         self._on_peer_up = on_peer_up
         self._on_peer_down = on_peer_down
         self._heartbeat_s = heartbeat_s
@@ -716,8 +728,20 @@ class NodeLink:
                         self._log.exception(
                             "link.handler_failed", peer=conn.peer, callback="on_message"
                         )
+                if frames and self._on_batch_end is not None:
+                    try:
+                        self._on_batch_end()
+                    except Exception:
+                        self._log.exception(
+                            "link.handler_failed", peer=conn.peer, callback="on_batch_end"
+                        )
                 if decoder.error is not None:
                     raise decoder.error
+                hold = self._hold_reading
+                if hold is not None and not conn.outbound and hold():
+                    with anyio.move_on_after(HOLD_READING_S):
+                        while hold():  # noqa: ASYNC110 - polled: no event on the ack path
+                            await anyio.sleep(HOLD_POLL_S)
                 with anyio.move_on_after(dead_after_s) as timeout:
                     data = await stream.receive(RECEIVE_BYTES)
                 if timeout.cancelled_caught:

@@ -71,6 +71,10 @@ MONITOR_PERIOD_S: Final = 0.1
 # A member unreachable over the link this long is declared down by the Raft leader.
 DOWN_AFTER_S: Final = 0.4
 SNAPSHOT_WAIT_S: Final = 60.0
+# Bytes waiting in the link for one peer above which this node's publishers pause.
+LINK_HIGH_BYTES: Final = 1 << 20
+# A new Raft leader waits this long before it judges members (links come up).
+LEADER_GRACE_S: Final = 0.3
 # After this node became ready, members are not judged for a while: links come up.
 STARTUP_GRACE_S: Final = 3.0
 NO_QUORUM = 541  # replaced by the channel's error: see unavailable()
@@ -166,6 +170,10 @@ class ClusterNode:
             on_message=self._on_message,
             on_peer_up=self._on_peer_up,
             on_peer_down=self._on_peer_down,
+            on_batch_end=shell.dispatch,
+            # A leader whose consumed queues are backlogged reads forwarded publishes
+            # slower: the sender's link buffer fills and slows its publishers.
+            hold_reading=lambda: self.shell.state.flow_blocked(),
         )
         boot = os.urandom(4).hex()
         self._id_prefix = f"{config.name}\x00{boot}\x00".encode()
@@ -181,6 +189,7 @@ class ClusterNode:
         self._applied_out: dict[str, list[bytes]] = {}
         self._down_since: dict[str, float] = {}
         self._started = time.monotonic()
+        self._leader_since = time.monotonic()
         self._tg: TaskGroup | None = None
         self.ready = anyio.Event()
         self.leader_changes = 0
@@ -229,6 +238,7 @@ class ClusterNode:
             )
             try:
                 await self._wait_ready()
+                self.shell.state.touch_queues(_now_ms())
                 await self._announce()
                 self.ready.set()
                 self._started = time.monotonic()
@@ -364,6 +374,7 @@ class ClusterNode:
             state = StateMachine.restore_topology(
                 data, self.name, rewrite_headers=old._broker.rewrite_headers
             )
+            state.touch_queues(_now_ms())
             self.shell.replace_state(state)
             for member in state.members.values():
                 if member.name != self.name and member.link:
@@ -466,6 +477,12 @@ class ClusterNode:
         self.forwarded_bytes += len(payload)
         return self._link.send(node, payload)
 
+    def link_backlogged(self) -> bool:
+        """Forwarded messages wait in the link for a peer that reads them too slowly:
+        publishers here should pause (credit flow across nodes)."""
+        link = self._link
+        return any(link.buffered_bytes(p) > LINK_HIGH_BYTES for p in link.up_peers())
+
     def is_up(self, node: str) -> bool:
         return node == self.name or self._link.is_up(node)
 
@@ -542,8 +559,8 @@ class ClusterNode:
         acks.clear()
 
     async def _delete_condemned(self, effect: Condemned) -> None:
-        command = c.DeleteQueue(
-            now_ms=_now_ms(), vhost=effect.vhost, queue=effect.queue, owner=effect.owner
+        command = c.DropQueue(
+            now_ms=_now_ms(), vhost=effect.vhost, queue=effect.queue, touched=effect.touched
         )
         for _ in range(5):
             try:
@@ -570,7 +587,6 @@ class ClusterNode:
                 shell.absorb(effects)
             if message.seq:
                 self._link.send(peer, wire.confirm(message.publish.channel, message.seq, ok))
-            shell.dispatch()
         elif kind is wire.Delivery:
             assert isinstance(message, wire.Delivery)
             if not shell.deliver_remote(message) and not message.no_ack:
@@ -593,7 +609,6 @@ class ClusterNode:
                 else:
                     self.remote_conns[conn] = peer
             shell.execute(command)
-            shell.dispatch()
         elif kind is wire.Request:
             assert isinstance(message, wire.Request)
             self._serve_request(peer, message)
@@ -630,12 +645,18 @@ class ClusterNode:
             )
         else:
             reply = shell.execute(command)
+        # Deliveries the command caused go at the end of this read (on_batch_end), so
+        # after the consume-ok / get-ok on the same ordered link.
         self._link.send(peer, wire.response(request.request_id, reply))
-        shell.dispatch()  # deliveries after the consume-ok / get-ok
 
     def _on_peer_up(self, peer: str) -> None:
+        """A (new) connection to `peer`: whatever it held for this node's clients, and
+        this node for its clients, may be stale (either side may have restarted, or the
+        link dropped one way only): RESET, first on the new connection, makes it drop
+        both, as this node did when the link went down."""
         self._down_since.pop(peer, None)
         self.log.info("link.peer_up", peer=peer)
+        self._link.send(peer, wire.reset())
 
     def _on_peer_down(self, peer: str) -> None:
         self._down_since[peer] = time.monotonic()
@@ -670,14 +691,23 @@ class ClusterNode:
             if raft is None:
                 return
             status = raft.status()
+            now = time.monotonic()
             if status.leader != self._last_leader:
                 self.leader_changes += 1
                 self._last_leader = status.leader
+                self._leader_since = now
                 self.log.info("raft.leader", leader=status.leader, term=status.term)
-            now = time.monotonic()
             if status.role != "leader" or now - self._started < STARTUP_GRACE_S:
                 continue
-            for member in list(self.shell.state.members.values()):
+            # Judge members only as a leader that has been one for a while (its links may
+            # still be coming up) and that reaches a majority over the link itself: a
+            # leader cut off from the others must not propose that they are down (such an
+            # entry could still commit once the partition heals).
+            members = self.shell.state.members
+            reachable = 1 + sum(1 for m in members if m != self.name and self._link.is_up(m))
+            if now - self._leader_since < LEADER_GRACE_S or reachable * 2 <= len(members):
+                continue
+            for member in list(members.values()):
                 if member.name == self.name:
                     continue
                 up = self._link.is_up(member.name)
@@ -726,6 +756,12 @@ class ClusterNode:
                 (m.name for m in state.members.values() if m.raft == raft_status.leader),
                 raft_status.leader,
             )
+        # pysyncobj counts open TCP connections, which a silent partition keeps for its
+        # 60 s connection timeout; the link notices within seconds.
+        voters = max(len(state.members), 1)
+        linked = 1 + sum(1 for m in state.members if m != self.name and self._link.is_up(m))
+        quorum = bool(raft_status and raft_status.has_quorum and raft_status.leader)
+        quorum = quorum and linked * 2 > voters
         return {
             "node": self.name,
             "raft": {
@@ -734,7 +770,7 @@ class ClusterNode:
                 "term": raft_status.term if raft_status else 0,
                 "commit_index": raft_status.commit_index if raft_status else 0,
                 "last_applied": raft_status.last_applied if raft_status else 0,
-                "has_quorum": bool(raft_status and raft_status.has_quorum),
+                "has_quorum": quorum,
                 "leader_changes": self.leader_changes,
             },
             "members": members,
@@ -779,7 +815,7 @@ class ClusterNode:
         self._link.remove_peer(name)
 
 
-_MOVES = frozenset({c.SetLeader, c.NodeDown, c.ForgetMember, c.DeleteQueue})
+_MOVES = frozenset({c.SetLeader, c.NodeDown, c.ForgetMember, c.DeleteQueue, c.DropQueue})
 
 
 def _now_ms() -> int:

@@ -135,6 +135,7 @@ class StateMachine:
             c.NodeDown: self._node_down,
             c.NodeUp: self._node_up,
             c.ForgetMember: self._forget_member,
+            c.DropQueue: self._drop_queue,
         }
 
     # ---- the one entry point -----------------------------------------------------------
@@ -162,15 +163,20 @@ class StateMachine:
         applied before (a retried submission)."""
         seen = self._applied_ids
         outcomes: list[Outcome | None] = []
-        for command, command_id in entries:
-            if command_id is not None:
-                if command_id in seen:
-                    outcomes.append(None)
-                    continue
-                seen[command_id] = None
-                if len(seen) > DEDUP_WINDOW:
-                    seen.popitem(last=False)
-            outcomes.append(self.apply(command))
+        broker = self._broker
+        broker.replaying = True
+        try:
+            for command, command_id in entries:
+                if command_id is not None:
+                    if command_id in seen:
+                        outcomes.append(None)
+                        continue
+                    seen[command_id] = None
+                    if len(seen) > DEDUP_WINDOW:
+                        seen.popitem(last=False)
+                outcomes.append(self.apply(command))
+        finally:
+            broker.replaying = False
         return outcomes
 
     # ---- cluster -----------------------------------------------------------------------
@@ -187,6 +193,19 @@ class StateMachine:
                 leader = placement.least_loaded(self.alive(), self.leader_counts()) or leader
             self._broker.set_leader(cmd.vhost, cmd.queue, leader, effects)
         return Outcome(OK, effects)
+
+    def _drop_queue(self, cmd: c.DropQueue) -> Outcome:
+        effects: list[Effect] = []
+        return Outcome(self._broker.drop_queue(cmd.vhost, cmd.queue, cmd.touched, effects), effects)
+
+    def touch_queues(self, now_ms: int) -> None:
+        """x-expires counts from now for every queue (after a restart or a resync: the
+        log's old declaration times are not uses)."""
+        broker = self._broker
+        broker.now_ms = max(broker.now_ms, now_ms)
+        for vh in broker.vhosts.values():
+            for queue in vh.queues.values():
+                queue.last_used_ms = now_ms
 
     def _member(self, cmd: c.Member) -> Outcome:
         self.members[cmd.name] = MemberInfo(

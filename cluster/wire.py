@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from cluster import codec
 from cluster import commands as c
@@ -45,6 +45,7 @@ from node.broker.types import (
     new_properties,
 )
 from node.protocol.codec import peek_properties
+from node.protocol.errors import PropertiesError
 
 ENQUEUE: Final = 1
 CONFIRM: Final = 2
@@ -61,6 +62,7 @@ _CONFIRM = struct.Struct(">BqHQB")
 _DELIVER = struct.Struct(">BqHQBBHHHHHI")
 _REQ = struct.Struct(">BQ")
 _CANCEL = struct.Struct(">BqHH")
+_B = struct.Struct(">B")
 _H = struct.Struct(">H")
 _Q = struct.Struct(">Q")
 _ERROR = struct.Struct(">BHHHB")
@@ -260,9 +262,49 @@ def _reply_bytes(reply: Reply) -> bytes:
 # ---- decoding ------------------------------------------------------------------------
 
 
+class _Reader:
+    """Strict reads from one message: running short or leaving bytes over is a WireError."""
+
+    __slots__ = ("data", "off")
+
+    def __init__(self, data: bytes, off: int = 0) -> None:
+        self.data = data
+        self.off = off
+
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        if self.off + fmt.size > len(self.data):
+            raise WireError("truncated link message")
+        values = fmt.unpack_from(self.data, self.off)
+        self.off += fmt.size
+        return values
+
+    def take(self, size: int) -> bytes:
+        if self.off + size > len(self.data):
+            raise WireError("truncated link message")
+        chunk = self.data[self.off : self.off + size]
+        self.off += size
+        return chunk
+
+    def text(self, size: int) -> str:
+        return _text(self.take(size))
+
+    def short_text(self) -> str:
+        (size,) = self.unpack(_H)
+        return self.text(size)
+
+    def rest(self) -> bytes:
+        chunk = self.data[self.off :]
+        self.off = len(self.data)
+        return chunk
+
+    def end(self) -> None:
+        if self.off != len(self.data):
+            raise WireError(f"{len(self.data) - self.off} bytes after a link message")
+
+
 def decode(data: bytes) -> LinkMessage:
     try:
-        return _decode(data)
+        return _decode(bytes(data))
     except WireError:
         raise
     except (struct.error, IndexError, UnicodeDecodeError, codec.CodecError) as exc:
@@ -270,7 +312,10 @@ def decode(data: bytes) -> LinkMessage:
 
 
 def _message(exchange: str, routing_key: str, properties: bytes, body: bytes) -> Message:
-    mode, priority, expiration, headers = peek_properties(properties)
+    try:
+        mode, priority, expiration, headers = peek_properties(properties)
+    except PropertiesError as exc:
+        raise WireError(f"malformed property block: {exc}") from exc
     props = new_properties(mode, priority, expiration, headers)
     return Message(0, exchange, routing_key, properties, props, body)
 
@@ -279,105 +324,101 @@ def _decode(data: bytes) -> LinkMessage:
     if not data:
         raise WireError("empty link message")
     kind = data[0]
+    r = _Reader(data)
     if kind == ENQUEUE:
-        _, seq, count = _ENQUEUE.unpack_from(data, 0)
-        off = _ENQUEUE.size
-        names = []
-        for _ in range(count):
-            (size,) = _H.unpack_from(data, off)
-            off += 2
-            names.append(_text(data[off : off + size]))
-            off += size
-        publish, _id = codec.decode(data[off:])
+        _, seq, count = r.unpack(_ENQUEUE)
+        names = tuple(r.short_text() for _ in range(count))
+        publish, _id = codec.decode(r.rest())
         if not isinstance(publish, c.Publish):
             raise WireError("ENQUEUE without a Publish")
-        return Enqueue(seq, tuple(names), publish)
+        return Enqueue(seq, names, publish)
     if kind == CONFIRM:
-        _, conn, ch, seq, ok = _CONFIRM.unpack_from(data, 0)
+        _, conn, ch, seq, ok = r.unpack(_CONFIRM)
+        r.end()
         return Confirm(ChannelRef(conn, ch), seq, bool(ok))
     if kind == DELIVER:
-        _, conn, ch, tag, redelivered, no_ack, lt, lv, lq, le, lr, lp = _DELIVER.unpack_from(
-            data, 0
+        _, conn, ch, tag, redelivered, no_ack, lt, lv, lq, le, lr, lp = r.unpack(_DELIVER)
+        consumer_tag, vhost, queue, exchange, routing_key = (
+            r.text(size) for size in (lt, lv, lq, le, lr)
         )
-        off = _DELIVER.size
-        fields = []
-        for size in (lt, lv, lq, le, lr):
-            fields.append(_text(data[off : off + size]))
-            off += size
-        properties = data[off : off + lp]
-        body = data[off + lp :]
-        return Delivery(
+        properties = r.take(lp)
+        delivery = Delivery(
             ChannelRef(conn, ch),
-            fields[0],
+            consumer_tag,
             tag,
             bool(redelivered),
             bool(no_ack),
-            fields[1],
-            fields[2],
-            fields[3],
-            fields[4],
+            vhost,
+            queue,
+            exchange,
+            routing_key,
             properties,
-            body,
+            r.rest(),
         )
+        delivered_message(delivery)  # the property block must decode
+        return delivery
     if kind == COMMAND:
         cmd, _id = codec.decode(data[1:])
         return CommandMsg(cmd)
     if kind == REQUEST:
-        _, rid = _REQ.unpack_from(data, 0)
-        cmd, _id = codec.decode(data[_REQ.size :])
+        _, rid = r.unpack(_REQ)
+        cmd, _id = codec.decode(r.rest())
         return Request(rid, cmd)
     if kind == RESPONSE:
-        _, rid = _REQ.unpack_from(data, 0)
-        return Response(rid, _decode_reply(data[_REQ.size :]))
+        _, rid = r.unpack(_REQ)
+        return Response(rid, _decode_reply(_Reader(data, r.off)))
     if kind == APPLIED:
-        (count,) = _H.unpack_from(data, 1)
-        off = 3
+        r.take(1)
+        (count,) = r.unpack(_H)
         ids = []
         for _ in range(count):
-            (size,) = _H.unpack_from(data, off)
-            off += 2
-            ids.append(bytes(data[off : off + size]))
-            off += size
+            (size,) = r.unpack(_H)
+            ids.append(r.take(size))
+        r.end()
         return Applied(tuple(ids))
     if kind == CANCEL:
-        _, conn, ch, size = _CANCEL.unpack_from(data, 0)
-        off = _CANCEL.size
-        return CancelNotify(ChannelRef(conn, ch), _text(data[off : off + size]))
+        _, conn, ch, size = r.unpack(_CANCEL)
+        tag = r.text(size)
+        r.end()
+        return CancelNotify(ChannelRef(conn, ch), tag)
     if kind == RESET:
+        r.take(1)
+        r.end()
         return Reset()
     raise WireError(f"unknown link message kind {kind}")
 
 
-def _decode_reply(data: bytes) -> Reply:
-    kind = data[0]
+def _decode_reply(r: _Reader) -> Reply:
+    (kind,) = r.unpack(_B)
+    reply: Reply
     if kind == _R_OK:
-        return Ok()
-    if kind == _R_ERROR:
-        _, code, class_id, method_id, conn = _ERROR.unpack_from(data, 0)
-        text = _text(data[_ERROR.size :])
-        return AmqpError(code, text, class_id, method_id, bool(conn))
-    if kind == _R_COUNT:
-        return Count(_Q.unpack_from(data, 1)[0])
-    if kind == _R_CONSUME_OK:
-        return ConsumeOk(_text(data[1:]))
-    if kind == _R_GET_EMPTY:
-        return GetEmpty()
-    if kind == _R_GET_OK:
-        _, tag, redelivered, count, le, lr, lp = _GET_OK.unpack_from(data, 0)
-        off = _GET_OK.size
-        exchange = _text(data[off : off + le])
-        off += le
-        routing_key = _text(data[off : off + lr])
-        off += lr
-        properties = data[off : off + lp]
-        body = data[off + lp :]
-        return GetOk(
-            tag, bool(redelivered), count, _message(exchange, routing_key, properties, body)
-        )
-    if kind == _R_DECLARED:
-        _, mc, cc = _DECLARED.unpack_from(data, 0)
-        return QueueDeclared(_text(data[_DECLARED.size :]), mc, cc)
-    raise WireError(f"unknown reply kind {kind}")
+        reply = Ok()
+    elif kind == _R_ERROR:
+        r.off -= 1
+        _, code, class_id, method_id, conn = r.unpack(_ERROR)
+        return AmqpError(code, r.text(len(r.data) - r.off), class_id, method_id, bool(conn))
+    elif kind == _R_COUNT:
+        reply = Count(r.unpack(_Q)[0])
+    elif kind == _R_CONSUME_OK:
+        return ConsumeOk(r.text(len(r.data) - r.off))
+    elif kind == _R_GET_EMPTY:
+        reply = GetEmpty()
+    elif kind == _R_GET_OK:
+        r.off -= 1
+        _, tag, redelivered, count, le, lr, lp = r.unpack(_GET_OK)
+        exchange = r.text(le)
+        routing_key = r.text(lr)
+        properties = r.take(lp)
+        message = _message(exchange, routing_key, properties, r.rest())
+        return GetOk(tag, bool(redelivered), count, message)
+    elif kind == _R_DECLARED:
+        r.off -= 1
+        _, mc, cc = r.unpack(_DECLARED)
+        return QueueDeclared(r.text(len(r.data) - r.off), mc, cc)
+    else:
+        raise WireError(f"unknown reply kind {kind}")
+    r.end()
+    return reply
 
 
 def delivered_message(d: Delivery) -> Message:

@@ -155,6 +155,13 @@ class BrokerNode:
             self._effects.extend(outcome.effects)
         return outcome.reply
 
+    def publishers_wait(self) -> bool:
+        """Credit flow: a queue this node feeds has a backlog its consumers have not caught
+        up with, or (cluster) a peer reads forwarded messages slower than they come."""
+        if self.state.flow_blocked():
+            return True
+        return self.cluster is not None and self.cluster.link_backlogged()
+
     def absorb(self, effects: list[Effect]) -> None:
         """Effects of a command applied elsewhere (the Raft log, the node link)."""
         self._effects.extend(effects)
@@ -244,8 +251,7 @@ class BrokerNode:
         conn, channel = found
         taken = channel.remote_delivery(delivery)
         if taken:
-            self.mark_dirty(conn)
-            self.dispatch()
+            self.mark_dirty(conn)  # flushed at the end of the link's read (dispatch)
         return taken
 
     def remote_confirm(self, peer: str, ref: ChannelRef, seq: int, ok: bool) -> None:
@@ -254,7 +260,6 @@ class BrokerNode:
             conn, channel = found
             channel.remote_confirmed(peer, seq, ok)
             self.mark_dirty(conn)
-            self.dispatch()
 
     def remote_cancel(self, ref: ChannelRef, tag: str) -> None:
         found = self._channel_of(ref)
@@ -262,7 +267,6 @@ class BrokerNode:
             conn, channel = found
             if channel.drop_remote_consumer(tag, notify=True):
                 self.mark_dirty(conn)
-                self.dispatch()
 
     def peer_lost(self, node: str) -> None:
         """`node` is unreachable: remote consumers there are cancelled (clients
@@ -494,7 +498,7 @@ class ClientConnection:
             self.proto.receive_data(data, time.monotonic())
             self.process_events()
             self.node.dispatch()
-            if self.publisher and self.node.state.flow_blocked():
+            if self.publisher and self.node.publishers_wait():
                 await self._flow_wait()
 
     async def _flow_wait(self) -> None:
@@ -502,7 +506,7 @@ class ClientConnection:
         consumers have not caught up with, a publisher pauses between reads (bounded, so a
         connection that both publishes and consumes the same queue cannot deadlock)."""
         with anyio.move_on_after(FLOW_WAIT_S):
-            while self.node.state.flow_blocked():  # noqa: ASYNC110 - polled: no event on the ack path
+            while self.node.publishers_wait():  # noqa: ASYNC110 - polled: no event on the ack path
                 await anyio.sleep(FLOW_POLL_S)
 
     async def _blocked_wait(self) -> None:

@@ -270,6 +270,7 @@ class Queue:
         "arguments",
         "auto_delete",
         "bindings_in",
+        "condemned",
         "consumers",
         "counts_deliveries",
         "dead_letters",
@@ -297,6 +298,7 @@ class Queue:
         "remote",
         "returned",
         "single_active",
+        "touched",
         "ttl",
         "unacked_bytes",
         "unacked_count",
@@ -361,6 +363,11 @@ class Queue:
         # it: publishes are forwarded, consumers attach at the leader).
         self.leader = ""
         self.remote = False
+        # Cluster: set by every declaration of the queue (the log's order numbers them),
+        # so a deletion decided for one version of it never removes a later one; and
+        # whether this node decided the queue must go (its clients no longer see it).
+        self.touched = 0
+        self.condemned = False
 
     # ---- messages ----------------------------------------------------------------------
 

@@ -201,6 +201,10 @@ class Broker:
         self.node_name = ""
         self.clustered = False
         self.condemned: list[Condemned] = []  # drained into each command's effects
+        # True while a command from the replicated log is applied: those see queues this
+        # node condemned (every replica must decide alike); this node's own clients don't.
+        self.replaying = False
+        self.declarations = 0  # numbers queue declarations (Queue.touched)
         # Stands in for the queue of an unacked delivery that became void when its queue
         # changed leader: settling it relays nothing.
         self.void = Queue(
@@ -531,6 +535,8 @@ class Broker:
             )
             if diff is not None:
                 return errors.inequivalent(kind, vhost, name, *diff, method)
+            self.declarations += 1  # declared again: a pending DropQueue spares it
+            queue.touched = self.declarations
             return QueueDeclared(name, queue.message_count, queue.consumer_count)
         problem = arguments_.invalid_queue_args(
             arguments, name, vhost
@@ -549,6 +555,8 @@ class Broker:
             arguments=arguments,
         )
         queue.last_used_ms = self.now_ms
+        self.declarations += 1
+        queue.touched = self.declarations
         self.register_queue(vh, queue)
         return QueueDeclared(name, 0, 0)
 
@@ -565,23 +573,42 @@ class Broker:
         """The queue, unless x-expires says it is gone (then it goes now; in a cluster its
         leader condemns it and it lives on until the deletion is replicated)."""
         queue = vh.queues.get(name)
-        if (
-            queue is not None
-            and queue.expires is not None
-            and not queue.remote
-            and self._idle_expired(queue)
-        ):
-            self._drop_queue(queue, [])
+        if queue is None:
             return None
+        if queue.condemned and not self.replaying:
+            return None
+        if queue.expires is not None and not queue.remote and self._idle_expired(queue):
+            self._drop_queue(queue, [])
+            if not self.replaying:
+                return None
         return queue
 
     def _drop_queue(self, queue: Queue, effects: list[Effect]) -> None:
         """A deletion this node decides alone (auto-delete, exclusive owner gone,
-        x-expires): done here at once; in a cluster also recorded in `condemned` for the
-        shell to replicate (the other nodes drop their copy when that commits)."""
-        if self.clustered:
-            self.condemned.append(Condemned(queue.vhost, queue.name, queue.owner or 0))
+        x-expires). Outside a cluster it happens at once. In a cluster the queue is
+        condemned: this node's clients stop seeing it, and the `Condemned` effect asks the
+        shell to replicate a DropQueue, applied in log order on every node alike."""
+        if not self.clustered:
+            self._delete_queue(queue, effects)
+            return
+        if not queue.condemned:
+            queue.condemned = True
+            self.condemned.append(
+                Condemned(queue.vhost, queue.name, queue.owner or 0, queue.touched)
+            )
+
+    def drop_queue(self, vhost: str, name: str, touched: int, effects: list[Effect]) -> Reply:
+        """The replicated end of a condemned queue: deleted unless it was declared again
+        since it was condemned (then it lives on, no longer condemned)."""
+        vh = self.vhosts.get(vhost)
+        queue = vh.queues.get(name) if vh is not None else None
+        if queue is None:
+            return OK
+        if queue.touched != touched:
+            queue.condemned = False
+            return OK
         self._delete_queue(queue, effects)
+        return OK
 
     def _idle_expired(self, queue: Queue) -> bool:
         assert queue.expires is not None
@@ -1505,6 +1532,8 @@ class Broker:
         self._void_unacked(queue)
         queue.leader = leader
         queue.remote = leader != self.node_name
+        if not queue.remote:
+            queue.last_used_ms = self.now_ms  # x-expires counts from its arrival here
         if queue.remote and was_local:
             for consumer in list(queue.consumers):
                 consumer.active = False

@@ -151,8 +151,9 @@ def _as_after_requeue(now_ms: int, queue: Queue, held: list[tuple[int, Message, 
 
 
 def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
-    """The document. `messages=False` leaves every queue's messages out (a cluster's
-    replicated topology: messages live on queue leaders, not in the Raft snapshot)."""
+    """The document. `messages=False` gives a cluster's replicated topology, the same on
+    every replica that applied the same log: no messages (they live on queue leaders), and
+    none of the node-local clock, message ids or queue-use times."""
     unacked: dict[Queue, list[Message]] = {}
     for channel in broker.channels.values():
         for queue, message, _ in channel.unacked.values():
@@ -173,13 +174,14 @@ def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
                 q.auto_delete,
                 q.owner,
                 encode_table(q.arguments),
-                q.had_consumers,
-                q.last_used_ms,
+                q.had_consumers if messages else False,
+                q.last_used_ms if messages else 0,
                 _queue_messages(broker, q, unacked.get(q, [])) if messages else [],
             ]
             for q in vh.queues.values()
         ]
         leaders = {q.name: q.leader for q in vh.queues.values() if q.leader}
+        touched = {q.name: q.touched for q in vh.queues.values() if q.touched}
         bindings = [
             [
                 b.source.name,
@@ -194,13 +196,18 @@ def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
                                 "bindings": bindings}  # fmt: skip
         if leaders:
             vdoc["leaders"] = leaders  # cluster only: which node leads each queue
+        if touched:
+            vdoc["touched"] = touched
         vhosts.append(vdoc)
-    return {
+    document: dict[str, Any] = {
         "version": VERSION,
-        "next_message_id": broker.next_message_id,
-        "now_ms": broker.now_ms,
+        "next_message_id": broker.next_message_id if messages else 1,
+        "now_ms": broker.now_ms if messages else 0,
         "vhosts": vhosts,
     }
+    if broker.declarations:
+        document["declarations"] = broker.declarations
+    return document
 
 
 def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None = None) -> Broker:
@@ -209,6 +216,7 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
     broker = Broker(vhosts=(), types=types)
     broker.next_message_id = int(document["next_message_id"])
     broker.now_ms = int(document["now_ms"])
+    broker.declarations = int(document.get("declarations", 0))
     for vdoc in document["vhosts"]:
         vh = broker.add_vhost(vdoc["name"])
         for name, type_name, durable, auto_delete, internal, arguments in vdoc["exchanges"]:
@@ -237,6 +245,7 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
             queue.had_consumers = had
             queue.last_used_ms = used
             queue.leader = str(vdoc.get("leaders", {}).get(name, ""))
+            queue.touched = int(vdoc.get("touched", {}).get(name, 0))
             for data in messages:
                 message = decode_message(data)
                 queue.push(message)

@@ -121,12 +121,14 @@ class RemoteSettle:
 
 @dataclass(frozen=True, slots=True)
 class Condemned:
-    """Cluster: a queue led here went (auto-delete, exclusive owner gone, x-expires): it
-    is already gone on this node; the shell replicates its deletion to the others."""
+    """Cluster: a queue led here must go (auto-delete, exclusive owner gone, x-expires).
+    This node's clients no longer see it; the shell replicates its deletion (DropQueue),
+    which removes it everywhere unless it was declared again meanwhile."""
 
     vhost: str
     queue: str
     owner: ConnId
+    touched: int = 0  # the queue's `touched` when it was condemned
 
 
 Effect = Deliver | CancelConsumer | Forward | RemoteSettle | Condemned

@@ -1,7 +1,8 @@
 """Warren vs RabbitMQ, three nodes each: the producer on node A, the consumer on node B.
 
     python tests/benchmarks/bench_cluster.py [--only SCENARIO] [--duration S] [--repeat N]
-        [--rabbitmq/--no-rabbitmq] [--warren/--no-warren] [--markdown OUT] [--profile DIR]
+        [--rabbitmq/--no-rabbitmq] [--warren/--no-warren] [--markdown OUT]
+        [--profile DIR [--profile-scenario SCENARIO] [--profile-args ARGS]]
 
 The transient scenarios of bench_node.py, across nodes, against a 3-node RabbitMQ cluster and
 a 3-node Warren cluster started on this machine in the same run:
@@ -30,9 +31,11 @@ processes, the RabbitMQ node starter, the report's cells):
   reported beside the results.
 - The load comes from loadgen.py workers, each in its own process. Rates are counted in a
   window after a warm-up; each node's CPU (its process tree, from /proc) is reported.
-- --profile DIR: after the measured runs, one extra (unreported) cross-node 1→1 on Warren
-  with py-spy recording nodes A and B (non-blocking sampling) over the window; the collapsed
-  stacks go to DIR and the top functions to the report.
+- --profile DIR: after the measured runs, one extra (unreported) run on Warren of
+  --profile-scenario (default: the cross-node 1→1) with py-spy recording nodes A and B
+  (non-blocking sampling, plus --profile-args) over the window; the collapsed stacks go to
+  DIR and the top functions to the report. py-spy counts a thread that waits for the CPU or
+  for the GIL as busy: --profile-args=--gil keeps only the samples of the GIL's holder.
 - Progress goes to stderr through logging; the table to stdout (and --markdown). Only
   127.0.0.1 is ever contacted, every port is a free one. Outside the default pytest run.
 """
@@ -110,6 +113,7 @@ class Cluster:
         self.notes: list[str] = []
         self.idle_pids: list[int] = []  # the other cluster's nodes, measured while idle
         self._noted: set[str] = set()
+        self.placed = [0, 0]  # queues checked, queues not where meant
 
     def endpoint(self, i: int) -> lg.Endpoint:
         return self.nodes[i].endpoint
@@ -153,6 +157,8 @@ class Cluster:
             return
         want = LETTERS[expected].upper()
         wrong = {q: homes.get(q) for q in queues if homes.get(q) != expected}
+        self.placed[0] += len(queues)
+        self.placed[1] += len(wrong)
         if not wrong:
             log.info("  %d queue(s) led by node %s, as meant", len(queues), want)
             return
@@ -164,6 +170,14 @@ class Cluster:
             f"{self.label}: {len(wrong)} of {len(queues)} benchmark queue(s) meant for node "
             f"{want} were led by {where}"
         )
+
+    def placement_note(self) -> str | None:
+        checked, wrong = self.placed
+        if not checked:
+            return None
+        if not wrong:
+            return f"{self.label}: all {checked} benchmark queues were led by the node meant"
+        return f"{self.label}: {wrong} of {checked} benchmark queues were not on the node meant"
 
     def start(self) -> None:
         raise NotImplementedError
@@ -252,13 +266,15 @@ class RabbitCluster(Cluster):
 class WarrenNode(bn.Warren):
     """bench_node's Warren starter, as one member of a cluster (its own start, no restart)."""
 
-    def __init__(self, workdir: Path, letter: str, extra_args: Sequence[str]) -> None:
+    def __init__(
+        self, workdir: Path, letter: str, extra_args: Sequence[str], ports: Sequence[int]
+    ) -> None:
         super().__init__(workdir, extra_args)
         self.letter = letter
         self.name = f"bench-{letter}"
         self.dir = workdir / f"warren-{letter}"
         self.label = f"Warren {letter.upper()}"
-        self.port, self.raft_port, self.link_port, self.management_port = free_ports(4)
+        self.port, self.raft_port, self.link_port, self.management_port = ports
 
     def spawn(self, peers: Sequence[WarrenNode], secret: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +331,11 @@ class WarrenCluster(Cluster):
 
     def __init__(self, workdir: Path, extra_args: Sequence[str] = ()) -> None:
         super().__init__()
-        self.wnodes = [WarrenNode(workdir, x, extra_args) for x in LETTERS]
+        ports = free_ports(4 * len(LETTERS))
+        self.wnodes = [
+            WarrenNode(workdir, x, extra_args, ports[4 * i : 4 * i + 4])
+            for i, x in enumerate(LETTERS)
+        ]
         self.nodes = list(self.wnodes)
 
     def start(self) -> None:
@@ -384,17 +404,24 @@ class WarrenCluster(Cluster):
 # Running workers (bench_node.run_load, with one CPU figure per node)
 
 
+@dataclass(frozen=True)
+class Profile:
+    """py-spy on some nodes over the window: {title: (pid, output file)}, extra options."""
+
+    targets: dict[str, tuple[int, Path]]
+    args: tuple[str, ...] = ()
+
+
 @dataclass
 class ClusterLoad(bn.LoadResult):
     node_cpu: list[float] = field(default_factory=list)
     idle_cpu: float = math.nan
-    profiles: dict[str, Path] = field(default_factory=dict)
 
 
-def _spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+def _spy(pid: int, out: Path, seconds: float, extra: Sequence[str]) -> subprocess.Popen[bytes]:
     secs = str(max(1, round(seconds)))
     cmd = ["py-spy", "record", "--pid", str(pid), "--nonblocking", "--rate", "100",
-           "--duration", secs, "--format", "raw", "--output", str(out)]  # fmt: skip
+           "--duration", secs, "--format", "raw", "--output", str(out), *extra]  # fmt: skip
     log.info("  %s", shlex.join(cmd))
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
@@ -406,10 +433,10 @@ def run_load_cluster(
     *,
     warmup: float,
     duration: float,
-    profile: dict[str, tuple[int, Path]] | None = None,
+    profile: Profile | None = None,
 ) -> ClusterLoad:
     """As bench_node.run_load: `first` (consumers) ready, then `then` (producers), the window;
-    CPU per node of `cluster` and of its idle pids; py-spy on `profile` {name: (pid, out)}."""
+    CPU per node of `cluster` and of its idle pids; py-spy as `profile` says."""
     ctx = multiprocessing.get_context("fork")
     workers: list[bn._Worker] = []
     spies: list[subprocess.Popen[bytes]] = []
@@ -433,7 +460,7 @@ def run_load_cluster(
         pids, idle = cluster.pids, list(cluster.idle_pids)
         bn._sleep_until(t_start)
         if profile:
-            spies = [_spy(pid, out, duration) for pid, out in profile.values()]
+            spies = [_spy(p, out, duration, profile.args) for p, out in profile.targets.values()]
         cpu0 = [bn.cpu_seconds(p) for p in pids]
         idle0, w0 = sum(bn.cpu_seconds(p) for p in idle), time.monotonic()
         bn._sleep_until(t_end)
@@ -459,7 +486,6 @@ def run_load_cluster(
             duration,
             node_cpu=per_node,
             idle_cpu=100.0 * (idle1 - idle0) / wall if idle else math.nan,
-            profiles={name: out for name, (_, out) in (profile or {}).items()},
         )
     finally:
         for s in spies:
@@ -500,7 +526,7 @@ def one_to_one(
     cons: int,
     *,
     rate: float = 0.0,
-    profile: dict[str, tuple[int, Path]] | None = None,
+    profile: Profile | None = None,
 ) -> tuple[bn.Measured, ClusterLoad]:
     """1→1 through one queue declared on (so led by) node `cons`; flat out, or at `rate`."""
     q = bn._name("lat" if rate else "tp")
@@ -537,19 +563,19 @@ def one_to_one(
     return m, load
 
 
-def scenario_throughput(c: Cluster, o: bn.Options) -> bn.Measured:
-    m, load = one_to_one(c, o, A, B)
+def scenario_throughput(c: Cluster, o: bn.Options, profile: Profile | None = None) -> bn.Measured:
+    m, load = one_to_one(c, o, A, B, profile=profile)
     _note_cpu(m, f"1→1 {_route(A, B)}", load)
     return m
 
 
-def scenario_local(c: Cluster, o: bn.Options) -> bn.Measured:
-    m, load = one_to_one(c, o, A, A)
+def scenario_local(c: Cluster, o: bn.Options, profile: Profile | None = None) -> bn.Measured:
+    m, load = one_to_one(c, o, A, A, profile=profile)
     _note_cpu(m, f"1→1 {_route(A, A)}", load)
     return m
 
 
-def scenario_fanout(c: Cluster, o: bn.Options) -> bn.Measured:
+def scenario_fanout(c: Cluster, o: bn.Options, profile: Profile | None = None) -> bn.Measured:
     ep, ex = c.endpoint(B), bn._name("fanout")
     queues = [f"{ex}.q{i}" for i in range(o.fanout_queues)]
     bn.run_async(
@@ -568,6 +594,7 @@ def scenario_fanout(c: Cluster, o: bn.Options) -> bn.Measured:
             [lg.PublishSpec(c.endpoint(A), ex, "", body_size=o.body_size)],
             warmup=o.warmup,
             duration=o.duration,
+            profile=profile,
         )
     finally:
         bn._cleanup(ep, queues, ex)
@@ -576,8 +603,8 @@ def scenario_fanout(c: Cluster, o: bn.Options) -> bn.Measured:
     return m
 
 
-def scenario_latency(c: Cluster, o: bn.Options) -> bn.Measured:
-    m, load = one_to_one(c, o, A, B, rate=o.latency_rate)
+def scenario_latency(c: Cluster, o: bn.Options, profile: Profile | None = None) -> bn.Measured:
+    m, load = one_to_one(c, o, A, B, rate=o.latency_rate, profile=profile)
     lat = sorted(x for r in load.of("consumer") for x in r.latencies_ns)
     if not lat:
         raise bn.BenchError("no message was delivered during the window")
@@ -594,7 +621,7 @@ def scenario_latency(c: Cluster, o: bn.Options) -> bn.Measured:
     return m
 
 
-RUNNERS: dict[str, Callable[[Cluster, bn.Options], bn.Measured]] = {
+RUNNERS: dict[str, Callable[..., bn.Measured]] = {
     "throughput": scenario_throughput,
     "local": scenario_local,
     "fanout": scenario_fanout,
@@ -656,8 +683,10 @@ def summarize_profile(path: Path, top: int = PROFILE_TOP) -> list[tuple[str, flo
     return [(f, 100.0 * n / total, 100.0 * incl[f] / total) for f, n in own.most_common(top)]
 
 
-def profile_warren(c: WarrenCluster, o: bn.Options, out_dir: Path) -> list[str]:
-    """One extra, unreported cross-node 1→1 with py-spy on nodes A and B: markdown lines."""
+def profile_warren(
+    c: WarrenCluster, o: bn.Options, scenario: str, out_dir: Path, spy_args: Sequence[str]
+) -> list[str]:
+    """One extra, unreported run of `scenario` with py-spy on nodes A and B: markdown lines."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if shutil.which("py-spy") is None:
         return ["", "Profile: py-spy is not installed (pip install py-spy); none taken."]
@@ -665,24 +694,31 @@ def profile_warren(c: WarrenCluster, o: bn.Options, out_dir: Path) -> list[str]:
     a, b = c.wnodes[A], c.wnodes[B]
     assert a.pid is not None
     assert b.pid is not None
-    spec = {
-        f"A ({a.name}, publisher's node)": (a.pid, out_dir / "warren-a.txt"),
-        f"B ({b.name}, queue leader, consumer's node)": (b.pid, out_dir / "warren-b.txt"),
-    }
-    log.info("== profile: Warren 1→1 A→B with py-spy on A and B")
-    m, load = one_to_one(c, o, A, B, profile=spec)
-    _note_cpu(m, "profiled 1→1 A→B", load)
+    b_role = "consumer's node" if scenario == "local" else "queue leader, consumer's node"
+    a_role = "publisher's node" + (", queue leader, consumer's node" if scenario == "local" else "")
+    profile = Profile(
+        {
+            f"A ({a.name}, {a_role})": (a.pid, out_dir / f"warren-{scenario}-a.txt"),
+            f"B ({b.name}, {b_role})": (b.pid, out_dir / f"warren-{scenario}-b.txt"),
+        },
+        tuple(spy_args),
+    )
+    log.info("== profile: Warren %s with py-spy on nodes A and B", scenario)
+    m = RUNNERS[scenario](c, o, profile=profile)
+    (run, cpu), *_ = m.cpu.items()
+    rates = " · ".join(f"{k} {v:,.3f}" if k in ("p50", "p99", "max") else f"{k} {v:,.0f}"
+                       for k, v in m.values.items() if k != "samples")  # fmt: skip
+    opts = " ".join(["--nonblocking", "--rate 100", *spy_args])
     lines = [
         "",
-        f"### Profile: Warren 1→1 A→B, one extra run under py-spy ({o.duration:g}s, 100 Hz, "
-        "non-blocking; not in the table above)",
+        f"### Profile: Warren {run}, one extra run under py-spy ({o.duration:g}s, `{opts}`; "
+        "not in the table above)",
         "",
-        f"- delivered {m.values['delivered']:,.0f} msg/s, published "
-        f"{m.values['published']:,.0f} msg/s under the profiler; {m.cpu['profiled 1→1 A→B']}",
-        f"- collapsed stacks: {', '.join(str(p) for p in load.profiles.values())}",
+        f"- under the profiler: {rates}; {cpu}",
+        f"- collapsed stacks: {', '.join(str(out) for _, out in profile.targets.values())}",
     ]
-    for title, out in load.profiles.items():
-        lines += ["", f"Node {title}: top {PROFILE_TOP} functions by own time", ""]
+    for title, (_, out) in profile.targets.items():
+        lines += ["", f"Node {title}: top {PROFILE_TOP} functions by own samples", ""]
         try:
             rows = summarize_profile(out)
         except OSError as exc:
@@ -852,8 +888,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="after the runs, one extra Warren 1→1 A→B under py-spy (nodes A and B); "
-        "collapsed stacks to DIR, top functions to the report",
+        help="after the runs, one extra Warren run (--profile-scenario) under py-spy on nodes "
+        "A and B; collapsed stacks to DIR, top functions to the report",
+    )
+    p.add_argument(
+        "--profile-scenario", choices=SCENARIOS, default="throughput", help="default: throughput"
+    )
+    p.add_argument(
+        "--profile-args",
+        default="",
+        help="extra `py-spy record` options, one string (e.g. --gil: only the GIL holder)",
     )
     p.add_argument("--prefetch", type=int, default=100)
     p.add_argument(
@@ -947,7 +991,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             warren = next((c for c in live if isinstance(c, WarrenCluster)), None)
             if args.profile and warren is not None:
                 try:
-                    extra = profile_warren(warren, opts, args.profile)
+                    extra = profile_warren(
+                        warren,
+                        opts,
+                        args.profile_scenario,
+                        args.profile,
+                        shlex.split(args.profile_args),
+                    )
                 except (bn.BenchError, OSError, lg.AmqpError, TimeoutError) as exc:
                     log.error("profile run failed: %s", exc)
                     extra = ["", f"Profile run failed: {bn._cell(str(exc))}"]
@@ -971,6 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: {sc: bn._combine(got) for sc, got in per.items()} for name, per in runs.items()
     }
     notes = [n for c in clusters for n in c.notes]
+    notes += [n for c in clusters if (n := c.placement_note())]
     if interrupted:
         notes.append(interrupted)
     table = render(

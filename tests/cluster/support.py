@@ -265,11 +265,9 @@ class Cluster:
         self.connections.clear()
 
     def close(self) -> None:
-        for conn in self.connections:
-            with contextlib.suppress(Exception):
-                if conn.is_open:
-                    conn.close()
-        self.connections.clear()
+        """Close the test's connections (before the kills: no pika noise about lost
+        sockets in failure reports), then kill every node."""
+        self.close_connections()
         for node in self.nodes:
             node.kill()
 
@@ -349,7 +347,16 @@ def build_cluster(
     """A Cluster with free ports (not started). `hosts[i]` is node i's listen and advertise
     address; `prefixes[i]` wraps its command (e.g. `ip netns exec`)."""
     count = len(hosts)
-    raft_ports = [free_port() for _ in range(count)]
+    taken: set[int] = set()
+
+    def port() -> int:
+        # free_port() may hand out a port twice once it is closed again: keep them distinct
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return p
+
+    raft_ports = [port() for _ in range(count)]
     names = [f"w{i + 1}" for i in range(count)]
     nodes = []
     for i in range(count):
@@ -358,10 +365,10 @@ def build_cluster(
                 index=i,
                 name=names[i],
                 host=hosts[i],
-                amqp_port=free_port(),
+                amqp_port=port(),
                 raft_port=raft_ports[i],
-                link_port=free_port(),
-                management_port=free_port(),
+                link_port=port(),
+                management_port=port(),
                 data_dir=tmp / f"{names[i]}-data",
                 log_path=tmp / f"{names[i]}.log",
                 peers=[(names[j], hosts[j], raft_ports[j]) for j in range(count) if j != i],

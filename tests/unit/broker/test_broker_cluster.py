@@ -1,8 +1,9 @@
 """The broker model on one node of a cluster: queues led elsewhere are `remote` (publishes
 to them are listed in `Routed.remote`, never enqueued here), deliveries made by another
 node's queue are settled there (`RemoteSettle`), moves cancel consumers and forward
-messages (`CancelConsumer`, `Forward`), and deletions one node decides become `Condemned`
-effects. Driven through `StateMachine.apply` on node "a" of a cluster {a, b}."""
+messages (`CancelConsumer`, `Forward`), and deletions one node decides happen there at
+once and are reported as `Condemned` effects. Driven through `StateMachine.apply` on node
+"a" of a cluster {a, b} unless a test says otherwise."""
 
 from __future__ import annotations
 
@@ -384,7 +385,7 @@ def test_moving_a_remote_queue_here_starts_it_empty(a: Driver) -> None:
     assert a.bodies(out) == [b"here"]
 
 
-def test_moving_between_two_other_nodes_changes_only_the_leader(a: Driver) -> None:
+def test_moving_between_two_other_nodes_changes_only_the_leader() -> None:
     b_and_c = node(members=("a", "b", "c"))
     led(b_and_c, "q", "b")
     out = move(b_and_c, "q", "c", expect="b")
@@ -413,45 +414,124 @@ def test_dead_lettering_to_a_remote_queue_forwards(a: Driver) -> None:
 
 
 # ---- deletions one node decides ---------------------------------------------------------
+# In a cluster the leader deletes the queue at once (its client sees 404 right after, as
+# with RabbitMQ) and reports it as `Condemned`; its shell replicates a DeleteQueue, and
+# the other nodes drop their copy when that commits.
 
 
-def test_clustered_auto_delete_on_last_cancel_is_condemned(a: Driver) -> None:
-    led(a, "auto", "a", auto_delete=True)
+def condemned(out: Outcome) -> list[tuple[str, str, int]]:
+    return [(e.vhost, e.queue, e.owner) for e in of_type(out.effects, Condemned)]
+
+
+def test_clustered_auto_delete_on_last_cancel_is_condemned_then_dropped() -> None:
+    a, b = node("a"), node("b")
+    for d in (a, b):
+        led(d, "auto", "a", auto_delete=True)
     a.ok(a.consume("auto", "c1"))
     a.ok(a.consume("auto", "c2"))
     assert a.run(c.Cancel(channel=REF, consumer_tag="c1")).effects == []
     out = a.run(c.Cancel(channel=REF, consumer_tag="c2"))
-    assert out.effects == [Condemned("/", "auto", 0)]
+    assert condemned(out) == [("/", "auto", 0)]
+    # Gone for this node's clients at once; still in the topology every replica shares
+    # until the replicated DropQueue commits.
+    assert a.err(a.consume("auto", "c3")).reply_code == 404
     assert a.sm.queue_exists("/", "auto")
-    # The replicated deletion removes it.
-    assert a.ok(c.DeleteQueue(vhost="/", queue="auto", owner=1)) == Count(0)
-    assert not a.sm.queue_exists("/", "auto")
+    assert b.sm.queue_exists("/", "auto")
+    (effect,) = of_type(out.effects, Condemned)
+    for d in (a, b):
+        d.ok(c.DropQueue(vhost="/", queue="auto", touched=effect.touched))
+        assert not d.sm.queue_exists("/", "auto")
 
 
 def test_clustered_auto_delete_on_channel_close_is_condemned(a: Driver) -> None:
     led(a, "auto", "a", auto_delete=True)
     a.ok(a.consume("auto", "c1"))
     out = a.run(c.CloseChannel(channel=REF))
-    assert out.effects == [Condemned("/", "auto", 0)]
+    assert condemned(out) == [("/", "auto", 0)]
+    assert a.err(a.declare("auto", passive=True)).reply_code == 404
+
+
+def test_clustered_exclusive_owner_gone_is_condemned(a: Driver) -> None:
+    assert isinstance(a.ok(a.declare("mine", exclusive=True)), QueueDeclared)
+    a.ok(c.SetLeader(vhost="/", queue="mine", leader="a"))
+    out = a.run(c.CloseConnection(conn=REF.conn))
+    assert condemned(out) == [("/", "mine", REF.conn)]
+    assert a.err(a.declare("mine", passive=True)).reply_code == 404
+
+
+def test_condemned_once_per_deletion(a: Driver) -> None:
+    led(a, "auto", "a", auto_delete=True)
+    a.ok(a.consume("auto", "c1"))
+    assert condemned(a.run(c.Cancel(channel=REF, consumer_tag="c1"))) == [("/", "auto", 0)]
+    assert a.run(c.Cancel(channel=REF, consumer_tag="c1")).effects == []
+    assert a.run(c.CloseChannel(channel=REF)).effects == []
+    assert a.run(c.Tick(now_ms=10)).effects == []
+
+
+def test_a_drop_spares_a_queue_declared_again_since() -> None:
+    a = node("a")
+    led(a, "auto", "a", auto_delete=True)
+    a.ok(a.consume("auto", "c1"))
+    (effect,) = of_type(a.run(c.Cancel(channel=REF, consumer_tag="c1")).effects, Condemned)
+    a.ok(a.declare("auto", auto_delete=True))  # from the log, before the drop commits
+    a.ok(c.DropQueue(vhost="/", queue="auto", touched=effect.touched))
     assert a.sm.queue_exists("/", "auto")
+    a.ok(a.consume("auto", "c2"))  # not condemned any more
 
 
-def test_unclustered_auto_delete_deletes_at_once() -> None:
+def test_x_expires_in_a_cluster_condemns_only_on_the_leader() -> None:
+    leader, follower = node("a"), node("b")
+    for d in (leader, follower):
+        led(d, "exp", "a", arguments={"x-expires": 100})
+    for d in (leader, follower):
+        assert d.run(c.Tick(now_ms=50)).effects == []
+    out = leader.run(c.Tick(now_ms=200))
+    assert condemned(out) == [("/", "exp", 0)]
+    assert leader.err(leader.declare("exp", passive=True)).reply_code == 404
+    assert follower.run(c.Tick(now_ms=200)).effects == []
+    assert follower.sm.queue_exists("/", "exp")
+    assert leader.run(c.Tick(now_ms=400)).effects == []  # reported once
+    (effect,) = of_type(out.effects, Condemned)
+    for d in (leader, follower):
+        d.ok(c.DropQueue(vhost="/", queue="exp", touched=effect.touched))
+        assert not d.sm.queue_exists("/", "exp")
+
+
+def test_x_expires_noticed_by_a_lookup_is_condemned_too() -> None:
+    leader = node("a")
+    led(leader, "exp", "a", arguments={"x-expires": 100})
+    # Idle past x-expires, and the first to notice is a lookup (a basic.get), not a tick.
+    out = leader.run(c.Get(channel=REF, vhost="/", queue="exp", now_ms=500))
+    assert isinstance(out.reply, AmqpError)
+    assert out.reply.reply_code == 404
+    assert condemned(out) == [("/", "exp", 0)]
+
+
+def test_x_expires_restarts_when_a_queue_fails_over_here() -> None:
+    """Uses of a queue at its leader (consumers, gets) are not replicated, so a replica's
+    idea of when it was last used is as old as its declaration. When the queue fails over
+    to that replica, its new leader must not delete it at once for idleness it never
+    saw: the consumers cancelled by the move have had no chance to come back."""
+    b = node("b")
+    led(b, "exp", "a", arguments={"x-expires": 1_000})
+    # An hour later a (which served the queue's consumers all along) goes down.
+    b.ok(c.NodeDown(node="a", now_ms=3_600_000))
+    assert b.sm.leader_of("/", "exp") == "b"
+    out = b.run(c.Tick(now_ms=3_600_010))
+    assert of_type(out.effects, Condemned) == []
+    assert b.sm.queue_exists("/", "exp")
+    # Unused for x-expires after the move, it goes.
+    out = b.run(c.Tick(now_ms=3_601_500))
+    assert condemned(out) == [("/", "exp", 0)]
+
+
+def test_unclustered_auto_delete_deletes_at_once_without_condemning() -> None:
     d = Driver()
     d.ok(d.declare("auto", auto_delete=True))
     d.ok(d.consume("auto", "c1"))
     out = d.run(c.Cancel(channel=REF, consumer_tag="c1"))
     assert out.effects == []
     assert not d.sm.queue_exists("/", "auto")
-
-
-def test_clustered_exclusive_owner_gone_is_condemned(a: Driver) -> None:
-    led(a, "mine", "a", exclusive=True)
-    out = a.run(c.CloseConnection(conn=1))
-    assert out.effects == [Condemned("/", "mine", 1)]
-    assert a.sm.queue_exists("/", "mine")
-    assert a.ok(c.DeleteQueue(vhost="/", queue="mine", owner=1)) == Count(0)
-    assert not a.sm.queue_exists("/", "mine")
 
 
 def test_exclusive_queue_led_elsewhere_is_not_condemned_here(a: Driver) -> None:
@@ -461,67 +541,17 @@ def test_exclusive_queue_led_elsewhere_is_not_condemned_here(a: Driver) -> None:
     assert a.sm.queue_exists("/", "theirs")
 
 
-def test_condemned_once_only(a: Driver) -> None:
-    led(a, "auto", "a", auto_delete=True)
-    a.ok(a.consume("auto", "c1"))
-    assert a.run(c.Cancel(channel=REF, consumer_tag="c1")).effects == [Condemned("/", "auto", 0)]
-    a.ok(a.consume("auto", "c2"))
-    assert a.run(c.Cancel(channel=REF, consumer_tag="c2")).effects == []
-
-
-def test_x_expires_in_a_cluster_condemns_only_on_the_leader() -> None:
-    leader, follower = node("a"), node("b")
-    for d in (leader, follower):
-        led(d, "exp", "a", arguments={"x-expires": 100})
-    for d in (leader, follower):
-        d.run(c.Tick(now_ms=50))
-    out = leader.run(c.Tick(now_ms=200))
-    assert out.effects == [Condemned("/", "exp", 0)]
-    assert leader.sm.queue_exists("/", "exp")
-    assert follower.run(c.Tick(now_ms=200)).effects == []
-    assert follower.sm.queue_exists("/", "exp")
-    # Still there for lookups on the leader until the deletion is replicated.
-    assert isinstance(leader.ok(leader.declare("exp", passive=True)), QueueDeclared)
-    assert leader.run(c.Tick(now_ms=400)).effects == []  # condemned once
-    for d in (leader, follower):
-        d.ok(c.DeleteQueue(vhost="/", queue="exp", owner=1))
-        assert not d.sm.queue_exists("/", "exp")
-
-
-def test_x_expires_condemned_by_a_lookup_on_the_leader() -> None:
-    leader = node("a")
-    led(leader, "exp", "a", arguments={"x-expires": 100})
-    # Idle past x-expires, and the first to notice is a lookup (here a basic.get), not a
-    # tick: the leader must still tell the shell, at the lookup or at the next tick.
-    out = leader.run(c.Get(channel=REF, vhost="/", queue="exp", now_ms=500))
-    assert not isinstance(out.reply, AmqpError)
-    assert leader.sm.queue_exists("/", "exp")
-    tick = leader.run(c.Tick(now_ms=10_000))
-    condemned = [e for e in out.effects + tick.effects if isinstance(e, Condemned)]
-    assert condemned == [Condemned("/", "exp", 0)]
-
-
-def test_x_expires_restarts_when_a_queue_fails_over_here() -> None:
-    """Uses of a queue at its leader (consumers, gets) are not replicated, so a replica's
-    idea of when it was last used is as old as its declaration. When the queue fails over
-    to that replica, its new leader must not condemn it at once for idleness it never
-    saw: the consumers cancelled by the move have had no chance to come back."""
-    b = node("b")
-    led(b, "exp", "a", arguments={"x-expires": 1_000})
-    # An hour later a (which served the queue's consumers all along) goes down.
-    b.ok(c.NodeDown(node="a", now_ms=3_600_000))
-    assert b.sm.leader_of("/", "exp") == "b"
-    out = b.run(c.Tick(now_ms=3_600_010))
-    assert of_type(out.effects, Condemned) == []
-    # Unused for x-expires after the move, it goes.
-    out = b.run(c.Tick(now_ms=3_601_500))
-    assert of_type(out.effects, Condemned) == [Condemned("/", "exp", 0)]
+def test_auto_delete_queue_led_elsewhere_is_not_condemned_here(a: Driver) -> None:
+    led(a, "theirs", "b", auto_delete=True)
+    out = a.run(c.CloseConnection(conn=1))
+    assert out.effects == []
+    assert a.sm.queue_exists("/", "theirs")
 
 
 def test_x_expires_unclustered_deletes_at_once() -> None:
     d = Driver()
     d.ok(d.declare("exp", arguments={"x-expires": 100}))
-    d.run(c.Tick(now_ms=200))
+    assert d.run(c.Tick(now_ms=200)).effects == []
     assert not d.sm.queue_exists("/", "exp")
 
 

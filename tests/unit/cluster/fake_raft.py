@@ -3,6 +3,9 @@ to several `StateMachine` replicas, as pysyncobj would on every node.
 
 No sockets, no threads, no clock. A replica can be disconnected (it stops applying) and
 reconnected (it catches up from where it stopped), so tests can script lagging nodes.
+Like a node's shell, it remembers the `Condemned` effects a replica reports (a queue that
+replica deleted on its own: auto-delete, exclusive owner gone, x-expires) and
+`replicate_condemned` submits their DropQueue commands.
 Entries go through the real codec (`encode_batch` / `decode_entry`), so what a replica
 applies is exactly what a journal would hold.
 """
@@ -14,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from cluster import codec
 from cluster import commands as c
 from cluster.state import StateMachine
-from node.broker.types import Outcome
+from node.broker.types import Condemned, Outcome
 
 
 class FakeRaft:
@@ -26,6 +29,7 @@ class FakeRaft:
         self.replicas: dict[str, StateMachine] = {n: StateMachine(node_name=n) for n in names}
         self.applied: dict[str, int] = dict.fromkeys(self.replicas, 0)
         self.connected: set[str] = set(self.replicas)
+        self.condemned: list[tuple[str, Condemned]] = []  # (reporting node, effect)
         self._next_id = 0
 
     def new_id(self, origin: str = "t") -> bytes:
@@ -57,9 +61,32 @@ class FakeRaft:
             machine = self.replicas[name]
             while self.applied[name] < len(self.log):
                 entry = self.log[self.applied[name]]
-                last[name] = machine.apply_logged(codec.decode_entry(entry))
+                last[name] = outs = machine.apply_logged(codec.decode_entry(entry))
                 self.applied[name] += 1
+                for out in outs:
+                    if out is not None:
+                        self._note(name, out)
         return last
+
+    def local(self, name: str, command: c.AnyCommand) -> Outcome:
+        """A command of a client connected to `name`, applied there only (not logged)."""
+        out = self.replicas[name].apply(command)
+        self._note(name, out)
+        return out
+
+    def _note(self, name: str, out: Outcome) -> None:
+        self.condemned.extend((name, e) for e in out.effects if isinstance(e, Condemned))
+
+    def replicate_condemned(self) -> int:
+        """Submit the DropQueue of every reported condemnation (as each node's shell
+        does), until none is left; how many were submitted."""
+        count = 0
+        while self.condemned:
+            name, effect = self.condemned.pop(0)
+            command = c.DropQueue(vhost=effect.vhost, queue=effect.queue, touched=effect.touched)
+            self.submit([command], [self.new_id(name)])
+            count += 1
+        return count
 
     def disconnect(self, name: str) -> None:
         self.connected.discard(name)

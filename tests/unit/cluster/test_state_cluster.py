@@ -18,8 +18,10 @@ from cluster.state import DEDUP_WINDOW, MemberInfo, StateMachine
 from node.broker.snapshot import SnapshotError
 from node.broker.types import (
     AmqpError,
+    CancelConsumer,
     ChannelRef,
     Count,
+    Forward,
     Ok,
     Properties,
     QueueDeclared,
@@ -120,8 +122,11 @@ def test_replicas_applying_the_same_log_agree() -> None:
     ]
     assert raft["b"].alive() == ["a", "b", "c"]
     # Routing, on every replica, reaches the same queues: local copies where they lead.
-    routed = {n: sm.apply(publish("q2")).reply for n, sm in raft.replicas.items()}
-    assert isinstance(routed["b"], Routed)
+    routed: dict[str, Routed] = {}
+    for name, sm in raft.replicas.items():
+        reply = sm.apply(publish("q2")).reply
+        assert isinstance(reply, Routed)
+        routed[name] = reply
     assert routed["b"].remote == ()
     assert [q.name for q in routed["a"].remote] == ["q2"]
     assert [q.name for q in routed["c"].remote] == ["q2"]
@@ -170,6 +175,46 @@ def test_a_lagging_replica_catches_up_to_the_same_state() -> None:
     assert_converged(raft)
     assert raft["c"].leader_of("/", "q1") == "b"
     assert raft["c"].leader_of("/", "q2") == "c"
+
+
+# ---- deletions a leader decides alone --------------------------------------------------
+
+
+def test_a_queue_its_leader_deletes_goes_everywhere_once_the_deletion_commits() -> None:
+    raft = cluster()
+    raft.submit([declare("auto", auto_delete=True), place("auto", "a")])
+    ref = ChannelRef(1, 1)
+    raft.local("a", c.Consume(channel=ref, vhost="/", queue="auto", consumer_tag="t"))
+    raft.local("a", c.Cancel(channel=ref, consumer_tag="t"))
+    # Condemned on its leader: gone for a's clients, still in every replica's topology
+    # (replicated commands must find the same queues everywhere) until the drop commits.
+    gone = raft.local("a", declare("auto", passive=True)).reply
+    assert isinstance(gone, AmqpError)
+    assert gone.reply_code == 404
+    assert raft["a"].queue_exists("/", "auto")
+    assert raft["b"].queue_exists("/", "auto")
+    assert raft.replicate_condemned() == 1
+    assert_converged(raft)
+    assert not any(sm.queue_exists("/", "auto") for sm in raft.replicas.values())
+
+
+def test_an_expired_queue_declared_again_survives_its_old_deletion() -> None:
+    """A client declares an x-expires queue again after it expired (clients commonly
+    declare before each use). The declaration reaches the leader through the log, finds
+    the old queue expired, and the leader replaces it by a fresh one; the fresh queue,
+    just declared (a declaration counts as use), must survive the replicated deletion of
+    the old one."""
+    raft = cluster()
+    args = {"x-expires": 100}
+    raft.submit([declare("exp", arguments=args), place("exp", "a")])
+    out = raft.submit([declare("exp", arguments=args, now_ms=500), place("exp", "a")])
+    for outs in out.values():  # every node answered declare-ok
+        assert outs[0] is not None
+        assert isinstance(outs[0].reply, QueueDeclared)
+    raft.replicate_condemned()
+    assert_converged(raft)
+    assert raft["b"].leader_of("/", "exp") == "a"
+    assert raft["a"].queue_exists("/", "exp")
 
 
 # ---- random logs ------------------------------------------------------------------------
@@ -244,8 +289,15 @@ def test_random_logs_converge(entries: list[list[c.AnyCommand]], retry: list[int
         ids = [raft.new_id() for _ in batch]
         out = raft.submit(batch, ids)
         submitted.append(raft.log[-1])
-        replies = {n: [o.reply if o is not None else None for o in outs] for n, outs in out.items()}
-        assert len({repr(r) for r in replies.values()}) == 1, replies
+        if not raft.condemned:
+            # Nothing deleted by a leader on its own: every replica answered alike.
+            replies = {
+                n: [o.reply if o is not None else None for o in outs] for n, outs in out.items()
+            }
+            assert len({repr(r) for r in replies.values()}) == 1, replies
+        # An x-expires queue past its time goes at its leader at once; the others follow
+        # when the leader's shell has replicated the deletion.
+        raft.replicate_condemned()
         assert_converged(raft)
     before = raft.snapshots()
     for i in retry:  # a retried submission: every command of it is skipped
@@ -425,6 +477,32 @@ def test_node_down_moves_its_queues_to_the_least_loaded_live_nodes() -> None:
     assert raft["b"].queue_counts("/", "a1") == (1, 0)
 
 
+def test_a_node_applying_its_own_node_down_hands_its_queues_over() -> None:
+    """A node cut off for a while catches up with the log and finds itself declared
+    down: its consumers are cancelled and its ready messages go to the new leaders."""
+    raft = cluster(("a", "b"))
+    raft.submit([declare("q"), place("q", "a")])
+    ref = ChannelRef(1, 1)
+    for body in (b"1", b"2", b"3"):
+        raft.local("a", publish("q", body))
+    raft.local("a", c.Qos(channel=ref, prefetch_count=1))
+    raft.local("a", c.Consume(channel=ref, vhost="/", queue="q", consumer_tag="t"))
+    out = raft.submit([c.NodeDown(node="a")])
+    effects = out["a"][0].effects if out["a"][0] is not None else []
+    assert [e for e in effects if isinstance(e, CancelConsumer)] == [CancelConsumer(ref, "t")]
+    forwards = [e for e in effects if isinstance(e, Forward)]
+    assert [(f.leader, f.queue, f.message.body) for f in forwards] == [
+        ("b", "q", b"2"),
+        ("b", "q", b"3"),
+    ]
+    assert out["b"][0] is not None
+    assert out["b"][0].effects == []
+    assert raft["a"].queue_counts("/", "q") == (0, 0)
+    assert raft["a"].queue_leaders() == raft["b"].queue_leaders() == [("/", "q", "b", False)]
+    assert remote_flags(raft["a"]) == {"q": True}
+    assert remote_flags(raft["b"]) == {"q": False}
+
+
 def test_node_down_of_a_dead_or_unknown_node_changes_nothing() -> None:
     raft = cluster()
     raft.submit([declare("q"), place("q", "a")])
@@ -544,9 +622,9 @@ def test_placement_on_a_dead_or_unknown_member_falls_back_to_the_least_loaded() 
     assert raft["a"].leader_of("/", "q2") == "a"
     raft.submit([declare("q3"), place("q3", "ghost")])
     assert raft["a"].leader_of("/", "q3") == "b"
-    # A move to a dead node falls back too.
+    # A move to a dead node falls back too: a and b lead two each, a wins the tie.
     raft.submit([place("q3", "c", expect="b")])
-    assert raft["b"].leader_of("/", "q3") in {"a", "b"}
+    assert raft["b"].leader_of("/", "q3") == "a"
     assert_converged(raft)
 
 

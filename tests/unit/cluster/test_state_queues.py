@@ -95,7 +95,6 @@ def test_passive_ignores_flags_and_arguments(d) -> None:
         ({"x-queue-type": "foo"}, "'x-queue-type' for queue 'q' in vhost '/': \"unsupported queue type 'foo'\""),
         ({"x-single-active-consumer": "yes"}, "'x-single-active-consumer' for queue 'q' in vhost '/': {unacceptable_type,longstr}"),
         ({"x-dead-letter-routing-key": "k"}, "'x-dead-letter-routing-key' for queue 'q' in vhost '/': routing_key_but_no_dlx_defined"),
-        ({"x-queue-leader-locator": "balanced"}, "'x-queue-leader-locator' for queue 'q' in vhost '/' of queue type rabbit_classic_queue"),
         ({"x-max-in-memory-length": 5}, "'x-max-in-memory-length' for queue 'q' in vhost '/' of queue type rabbit_classic_queue"),
     ],
 )  # fmt: skip
@@ -365,3 +364,10 @@ def test_zero_length_queue_still_feeds_a_waiting_consumer(d) -> None:
     out = d.run(d.publish("", "r", b"z"))
     assert out.reply == Routed(1, rejected=True)
     assert out.effects == []
+
+
+def test_classic_queue_takes_a_leader_locator(d) -> None:
+    """RabbitMQ 3.10 refused x-queue-leader-locator on classic queues; current RabbitMQ
+    and Warren's cluster take it (it picks the queue's leader node)."""
+    reply = d.ok(d.declare("q", arguments={"x-queue-leader-locator": "balanced"}))
+    assert isinstance(reply, QueueDeclared)

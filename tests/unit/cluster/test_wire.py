@@ -4,10 +4,11 @@ truncated, garbage) raises `WireError`, never another exception."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pamqp.commands import Basic
 
@@ -36,7 +37,9 @@ NAME = TEXT
 I64 = st.integers(-(2**63), 2**63 - 1)
 U64 = st.integers(0, 2**64 - 1)
 REFS = st.builds(ChannelRef, I64, st.integers(0, 65535))
-BODIES = st.binary(max_size=64) | st.just(b"") | st.integers(0, 200_000).map(lambda n: b"\xa5" * n)
+SMALL_BODIES = st.binary(max_size=64)
+# Now and then one past 64 KiB (no 16-bit length may hide in the body's framing).
+BODIES = SMALL_BODIES | st.integers(65_530, 70_000).map(lambda n: b"\xa5" * n)
 RAW_PROPERTIES = st.one_of(
     st.just(b"\x00\x00"),
     st.builds(
@@ -62,30 +65,36 @@ def message_of(exchange: str, routing_key: str, raw: bytes, body: bytes) -> Mess
     return Message(17, exchange, routing_key, raw, Properties(*peek_properties(raw)), body)
 
 
-MESSAGES = st.builds(message_of, NAME, NAME, RAW_PROPERTIES, BODIES)
-PUBLISHES = st.builds(
-    lambda ref, vhost, exchange, key, mandatory, raw, body, now: c.Publish(
-        channel=ref,
-        vhost=vhost,
-        exchange=exchange,
-        routing_key=key,
-        mandatory=mandatory,
-        properties=raw,
-        props=Properties(*peek_properties(raw)),
-        body=body,
-        now_ms=now,
-    ),
-    REFS,
-    NAME,
-    NAME,
-    NAME,
-    st.booleans(),
-    RAW_PROPERTIES,
-    BODIES,
-    I64,
-)
+def messages(bodies: st.SearchStrategy[bytes]) -> st.SearchStrategy[Message]:
+    return st.builds(message_of, NAME, NAME, RAW_PROPERTIES, bodies)
+
+
+def publishes(bodies: st.SearchStrategy[bytes]) -> st.SearchStrategy[c.Publish]:
+    return st.builds(
+        lambda ref, vhost, exchange, key, mandatory, raw, body, now: c.Publish(
+            channel=ref,
+            vhost=vhost,
+            exchange=exchange,
+            routing_key=key,
+            mandatory=mandatory,
+            properties=raw,
+            props=Properties(*peek_properties(raw)),
+            body=body,
+            now_ms=now,
+        ),
+        REFS,
+        NAME,
+        NAME,
+        NAME,
+        st.booleans(),
+        RAW_PROPERTIES,
+        bodies,
+        I64,
+    )
+
+
 LINK_COMMANDS = st.one_of(
-    PUBLISHES,
+    publishes(SMALL_BODIES),
     st.builds(lambda ref, tag: c.Cancel(channel=ref, consumer_tag=tag), REFS, NAME),
     st.builds(lambda ref: c.CloseChannel(channel=ref), REFS),
     st.builds(lambda conn: c.CloseConnection(conn=conn), I64),
@@ -127,7 +136,6 @@ REPLIES: st.SearchStrategy[Reply] = st.one_of(
     st.builds(Count, U64),
     st.builds(ConsumeOk, NAME),
     st.just(GetEmpty()),
-    st.builds(GetOk, U64, st.booleans(), U64, MESSAGES),
     st.builds(QueueDeclared, NAME, U64, U64),
 )
 IDS = st.lists(st.binary(max_size=40), max_size=6).map(tuple)
@@ -170,21 +178,30 @@ def cancel_msg(ref: ChannelRef, tag: str) -> tuple[bytes, Any]:
     return wire.cancel(ref, tag), wire.CancelNotify(ref, tag)
 
 
-ENCODED = st.one_of(
-    st.builds(
-        enqueue_msg, U64, st.lists(NAME, max_size=4).map(tuple), PUBLISHES
-    ),
-    st.builds(confirm_msg, REFS, U64, st.booleans()),
-    st.builds(
-        delivery_msg, REFS, NAME, U64, st.booleans(), st.booleans(), NAME, NAME, MESSAGES
-    ),
-    st.builds(command_msg, LINK_COMMANDS),
-    st.builds(request_msg, U64, LINK_COMMANDS),
-    st.builds(response_msg, U64, REPLIES),
-    st.builds(applied_msg, IDS),
-    st.builds(cancel_msg, REFS, NAME),
-    st.just((wire.reset(), wire.Reset())),
-)
+def encoded(bodies: st.SearchStrategy[bytes]) -> st.SearchStrategy[tuple[bytes, Any]]:
+    """(bytes, the message they decode to) of every kind."""
+    return st.one_of(
+        st.builds(enqueue_msg, U64, st.lists(NAME, max_size=4).map(tuple), publishes(bodies)),
+        st.builds(confirm_msg, REFS, U64, st.booleans()),
+        st.builds(
+            delivery_msg,
+            REFS,
+            NAME,
+            U64,
+            st.booleans(),
+            st.booleans(),
+            NAME,
+            NAME,
+            messages(bodies),
+        ),
+        st.builds(command_msg, LINK_COMMANDS),
+        st.builds(request_msg, U64, LINK_COMMANDS),
+        st.builds(response_msg, U64, REPLIES),
+        st.builds(response_msg, U64, st.builds(GetOk, U64, st.booleans(), U64, messages(bodies))),
+        st.builds(applied_msg, IDS),
+        st.builds(cancel_msg, REFS, NAME),
+        st.just((wire.reset(), wire.Reset())),
+    )
 
 
 def same_message(got: Message, sent: Message) -> None:
@@ -218,8 +235,8 @@ def same(got: Any, expected: Any) -> None:
 # ---- round trips ---------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ENCODED)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(encoded(BODIES))
 def test_every_message_round_trips(case: tuple[bytes, Any]) -> None:
     data, expected = case
     assert data[0] in range(wire.ENQUEUE, wire.RESET + 1)
@@ -458,10 +475,8 @@ def test_a_get_ok_with_any_property_block_is_decoded_or_a_wire_error(raw: bytes)
 
 
 def _never_raises_other(data: bytes) -> None:
-    try:
+    with contextlib.suppress(wire.WireError):
         wire.decode(data)
-    except wire.WireError:
-        pass
 
 
 @settings(max_examples=400, deadline=None)
@@ -470,7 +485,7 @@ def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
     _never_raises_other(data)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     st.sampled_from(range(wire.ENQUEUE, wire.RESET + 1)),
     st.sampled_from(range(7)),
@@ -482,13 +497,17 @@ def test_random_bodies_of_every_kind_never_raise_anything_but_wire_error(
     _never_raises_other(bytes((kind,)) + rest)
     # Responses: request id, then a reply kind and its random remains.
     _never_raises_other(bytes((wire.RESPONSE,)) + rest[:8].ljust(8, b"\x00") + bytes((reply_kind,)))
-    _never_raises_other(
-        bytes((wire.RESPONSE,)) + b"\x00" * 8 + bytes((reply_kind,)) + rest
-    )
+    _never_raises_other(bytes((wire.RESPONSE,)) + b"\x00" * 8 + bytes((reply_kind,)) + rest)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ENCODED, st.data())
+@settings(
+    max_examples=200,
+    deadline=None,
+    report_multiple_bugs=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # a fuzz: no slow shrinking
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(encoded(SMALL_BODIES), st.data())
 def test_damaged_messages_never_raise_anything_but_wire_error(
     case: tuple[bytes, Any], data: st.DataObject
 ) -> None:
