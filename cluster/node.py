@@ -39,7 +39,7 @@ from typing import Any, Final, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from cluster import codec, wire
+from cluster import codec, placement, wire
 from cluster import commands as c
 from cluster.link import NodeLink
 from cluster.raft import MaybeApplied, NotApplied, RaftClosed, RaftConfig, RaftError, RaftNode
@@ -778,8 +778,8 @@ class ClusterNode:
         }
 
     async def rebalance(self) -> dict[str, Any]:
-        from cluster import placement
-
+        """Move queue leaders so that every live member leads about as many (exclusive
+        queues stay with their connection's node)."""
         state = self.shell.state
         movable = [
             (v, q, leader) for v, q, leader, exclusive in state.queue_leaders() if not exclusive
