@@ -57,7 +57,9 @@ APPLIED: Final = 7
 CANCEL: Final = 8
 RESET: Final = 9
 
-_ENQUEUE = struct.Struct(">BQH")
+# kind, seq, channel (conn, number), now_ms, queue count, vhost/exchange/key/props/body
+# lengths
+_ENQUEUE = struct.Struct(">BQqHqHBBBII")
 _CONFIRM = struct.Struct(">BqHQB")
 _DELIVER = struct.Struct(">BqHQBBHHHHHI")
 _REQ = struct.Struct(">BQ")
@@ -156,12 +158,36 @@ def _text(data: bytes) -> str:
 
 
 def enqueue(seq: int, queues: tuple[str, ...], publish: c.Publish) -> bytes:
-    parts = [_ENQUEUE.pack(ENQUEUE, seq, len(queues))]
-    for name in queues:
-        raw = _utf8(name)
+    """The hot path of forwarding: fixed fields in one struct, then the queue names, the
+    vhost, exchange and routing key, the raw property block and the body. The decoded
+    `Properties` do not travel: the leader reads them from the raw block again."""
+    vhost, exchange, key = _utf8(publish.vhost), _utf8(publish.exchange), _utf8(publish.routing_key)
+    channel = publish.channel
+    properties = publish.properties
+    head = _ENQUEUE.pack(
+        ENQUEUE,
+        seq,
+        channel.conn,
+        channel.channel,
+        publish.now_ms,
+        len(queues),
+        len(vhost),
+        len(exchange),
+        len(key),
+        len(properties),
+        len(publish.body),
+    )
+    if len(queues) == 1:
+        name = _utf8(queues[0])
+        return b"".join(
+            (head, _H.pack(len(name)), name, vhost, exchange, key, properties, publish.body)
+        )
+    parts = [head]
+    for queue in queues:
+        raw = _utf8(queue)
         parts.append(_H.pack(len(raw)))
         parts.append(raw)
-    parts.append(codec.encode(publish))
+    parts += (vhost, exchange, key, properties, publish.body)
     return b"".join(parts)
 
 
@@ -326,11 +352,27 @@ def _decode(data: bytes) -> LinkMessage:
     kind = data[0]
     r = _Reader(data)
     if kind == ENQUEUE:
-        _, seq, count = r.unpack(_ENQUEUE)
+        _, seq, conn, ch, now_ms, count, lv, le, lk, lp, lb = r.unpack(_ENQUEUE)
         names = tuple(r.short_text() for _ in range(count))
-        publish, _id = codec.decode(r.rest())
-        if not isinstance(publish, c.Publish):
-            raise WireError("ENQUEUE without a Publish")
+        vhost, exchange, key = r.text(lv), r.text(le), r.text(lk)
+        properties = r.take(lp)
+        body = r.take(lb)
+        r.end()
+        try:
+            mode, priority, expiration, headers = peek_properties(properties)
+        except PropertiesError as exc:
+            raise WireError(f"malformed property block: {exc}") from exc
+        publish = c.new_publish(
+            now_ms,
+            ChannelRef(conn, ch),
+            vhost,
+            exchange,
+            key,
+            False,
+            properties,
+            new_properties(mode, priority, expiration, headers),
+            body,
+        )
         return Enqueue(seq, names, publish)
     if kind == CONFIRM:
         _, conn, ch, seq, ok = r.unpack(_CONFIRM)

@@ -343,9 +343,13 @@ class Channel:
         leader; with confirms, the publisher's ack waits for every leader's answer."""
         cluster = self.host.cluster
         assert cluster is not None
-        by_leader: dict[str, list[str]] = {}
-        for queue in queues:
-            by_leader.setdefault(queue.leader, []).append(queue.name)
+        by_leader: dict[str, list[str]]
+        if len(queues) == 1:  # the common case
+            by_leader = {queues[0].leader: [queues[0].name]}
+        else:
+            by_leader = {}
+            for queue in queues:
+                by_leader.setdefault(queue.leader, []).append(queue.name)
         for leader, names in by_leader.items():
             if not cluster.forward(leader, tuple(names), command, seq):
                 if seq:

@@ -27,8 +27,10 @@ processes, the RabbitMQ node starter, the report's cells):
   ready when every node's GET /api/healthz answers 200; stopped with SIGTERM (all at once),
   then SIGKILL.
 - Both clusters get the same scenario with the same parameters, one after the other
-  (RabbitMQ first), while the other cluster idles; the idle cluster's CPU in the window is
-  reported beside the results.
+  (RabbitMQ first). The other cluster is paused meanwhile (SIGSTOP of its process trees,
+  SIGCONT after, then it must settle: an idle RabbitMQ cluster burns ~30% of a core, which
+  would bias against whichever runs beside it); --no-pause-idle lets it idle instead, and
+  its CPU in the window is reported beside the results.
 - The load comes from loadgen.py workers, each in its own process. Rates are counted in a
   window after a warm-up; each node's CPU (its process tree, from /proc) is reported.
 - --profile DIR: after the measured runs, one extra (unreported) run on Warren of
@@ -82,6 +84,7 @@ LETTERS = ("a", "b", "c")
 A, B = 0, 1  # node indexes: the producer's and the consumer's
 RABBITMQCTL_TIMEOUT_S = 120.0
 CLUSTER_READY_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 30.0  # after resuming a paused cluster
 PY_SPY_GRACE_S = 60.0
 PROFILE_TOP = 15
 SCENARIOS = ("throughput", "local", "fanout", "latency")
@@ -129,6 +132,24 @@ class Cluster:
         dead = [LETTERS[i].upper() for i, n in enumerate(self.nodes) if not n.alive()]
         if dead:
             raise bn.BenchError(f"{self.label} node(s) {', '.join(dead)} not running")
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the cluster (the idle one: it then costs no CPU)."""
+        for pid in self._tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.settle()
+
+    def settle(self) -> None:
+        """After a resume: until the cluster serves as before (bounded)."""
+
+    def _tree(self) -> list[int]:
+        return [p for pid in self.pids for p in bn.process_tree(pid)]
 
     def log_tail(self, lines: int = 10) -> str:
         parts = []
@@ -369,6 +390,22 @@ class WarrenCluster(Cluster):
         )
         if leader:
             self.note(f"Warren: Raft leader at start: {leader}")
+
+    def settle(self) -> None:
+        """After SIGCONT: every node healthy, every member alive and reachable with a
+        quorum, as seen from every node (links and Raft notice the pause and recover)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+                views = [n.api("/api/warren/cluster", timeout=2.0)[1] for n in self.wnodes]
+                if all(
+                    v["raft"]["has_quorum"]  # type: ignore[index]
+                    and all(m["alive"] and m["reachable"] for m in v["members"])  # type: ignore[index]
+                    for v in views
+                ):
+                    return
+            time.sleep(0.2)
+        log.warning("Warren cluster not settled %.0fs after a resume", SETTLE_TIMEOUT_S)
 
     def stop(self) -> None:
         procs = [(n, n.proc) for n in self.wnodes if n.proc is not None]
@@ -914,6 +951,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-rate", type=float, default=1000.0, help="msg/s, scenario latency")
     p.add_argument("--warren-args", default="", help="extra `node` options for every Warren node")
     p.add_argument("--keep-temp", action="store_true", help="keep node dirs and logs")
+    p.add_argument(
+        "--pause-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SIGSTOP the other cluster while one is measured (an idle RabbitMQ cluster "
+        "burns ~30%% of a core, an idle Warren one ~2%%: either way it is not competing)",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if not 1 <= args.ack_every <= args.prefetch:
@@ -986,7 +1030,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for scenario in scenarios:
                 for rep in range(1, args.repeat + 1):
                     for c in live:
-                        got = _measure(scenario, c, opts, rep, args.repeat)
+                        others = [o for o in live if o is not c] if args.pause_idle else []
+                        for o in others:
+                            o.pause()
+                        try:
+                            got = _measure(scenario, c, opts, rep, args.repeat)
+                        finally:
+                            for o in others:
+                                o.resume()
                         runs.setdefault(c.label, {}).setdefault(scenario, []).append(got)
             warren = next((c for c in live if isinstance(c, WarrenCluster)), None)
             if args.profile and warren is not None:
