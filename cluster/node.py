@@ -471,8 +471,15 @@ class ClusterNode:
     def send_command(self, node: str, command: c.AnyCommand) -> bool:
         return self._link.send(node, wire.command(command))
 
-    def forward(self, node: str, queues: tuple[str, ...], publish: c.Publish, seq: int) -> bool:
-        payload = wire.enqueue(seq, queues, publish)
+    def forward(
+        self,
+        node: str,
+        queues: tuple[str, ...],
+        publish: c.Publish,
+        seq: int,
+        redelivered: bool = False,
+    ) -> bool:
+        payload = wire.enqueue(seq, queues, publish, redelivered)
         self.forwarded_messages += 1
         self.forwarded_bytes += len(payload)
         return self._link.send(node, payload)
@@ -545,7 +552,7 @@ class ClusterNode:
                     m.props,
                     m.body,
                 )
-                self.forward(effect.leader, (effect.queue,), publish, 0)
+                self.forward(effect.leader, (effect.queue,), publish, 0, m.redelivered)
             elif type(effect) is Condemned:
                 assert self._tg is not None
                 self._tg.start_soon(self._delete_condemned, effect)
@@ -582,7 +589,9 @@ class ClusterNode:
         shell = self.shell
         if kind is wire.Enqueue:
             assert isinstance(message, wire.Enqueue)
-            ok, effects = shell.state.enqueue_forwarded(message.publish, message.queues)
+            ok, effects = shell.state.enqueue_forwarded(
+                message.publish, message.queues, message.redelivered
+            )
             if effects:
                 shell.absorb(effects)
             if message.seq:

@@ -289,7 +289,7 @@ class StateMachine:
     # ---- cluster: the node's own side (not replicated) -----------------------------------
 
     def enqueue_forwarded(
-        self, publish: c.Publish, queues: Sequence[str]
+        self, publish: c.Publish, queues: Sequence[str], redelivered: bool = False
     ) -> tuple[bool, list[Effect]]:
         """A message another node routed to `queues` led here: (accepted, effects)."""
         broker = self._broker
@@ -307,6 +307,7 @@ class StateMachine:
             publish.body,
             publish.now_ms,
             effects,
+            redelivered,
         )
         return accepted, effects
 

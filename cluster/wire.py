@@ -58,8 +58,8 @@ CANCEL: Final = 8
 RESET: Final = 9
 
 # kind, seq, channel (conn, number), now_ms, queue count, vhost/exchange/key/props/body
-# lengths
-_ENQUEUE = struct.Struct(">BQqHqHBBBII")
+# lengths, redelivered
+_ENQUEUE = struct.Struct(">BQqHqHBBBIIB")
 _CONFIRM = struct.Struct(">BqHQB")
 _DELIVER = struct.Struct(">BqHQBBHHHHHI")
 _REQ = struct.Struct(">BQ")
@@ -84,6 +84,7 @@ class Enqueue:
     seq: int
     queues: tuple[str, ...]
     publish: c.Publish
+    redelivered: bool = False  # a message that moved with its queue after a delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +158,9 @@ def _text(data: bytes) -> str:
 # ---- encoding ------------------------------------------------------------------------
 
 
-def enqueue(seq: int, queues: tuple[str, ...], publish: c.Publish) -> bytes:
+def enqueue(
+    seq: int, queues: tuple[str, ...], publish: c.Publish, redelivered: bool = False
+) -> bytes:
     """The hot path of forwarding: fixed fields in one struct, then the queue names, the
     vhost, exchange and routing key, the raw property block and the body. The decoded
     `Properties` do not travel: the leader reads them from the raw block again."""
@@ -176,6 +179,7 @@ def enqueue(seq: int, queues: tuple[str, ...], publish: c.Publish) -> bytes:
         len(key),
         len(properties),
         len(publish.body),
+        redelivered,
     )
     if len(queues) == 1:
         name = _utf8(queues[0])
@@ -352,7 +356,7 @@ def _decode(data: bytes) -> LinkMessage:
     kind = data[0]
     r = _Reader(data)
     if kind == ENQUEUE:
-        _, seq, conn, ch, now_ms, count, lv, le, lk, lp, lb = r.unpack(_ENQUEUE)
+        _, seq, conn, ch, now_ms, count, lv, le, lk, lp, lb, redelivered = r.unpack(_ENQUEUE)
         names = tuple(r.short_text() for _ in range(count))
         vhost, exchange, key = r.text(lv), r.text(le), r.text(lk)
         properties = r.take(lp)
@@ -373,7 +377,7 @@ def _decode(data: bytes) -> LinkMessage:
             new_properties(mode, priority, expiration, headers),
             body,
         )
-        return Enqueue(seq, names, publish)
+        return Enqueue(seq, names, publish, bool(redelivered))
     if kind == CONFIRM:
         _, conn, ch, seq, ok = r.unpack(_CONFIRM)
         r.end()

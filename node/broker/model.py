@@ -820,8 +820,10 @@ class Broker:
         body: bytes,
         now_ms: int,
         effects: list[Effect],
+        redelivered: bool = False,
     ) -> bool:
-        """Cluster: a message another node routed to queues led here. Returns False when
+        """Cluster: a message another node routed to queues led here (`redelivered`: one
+        that moved here with its queue after it had been delivered). Returns False when
         a queue refused it (reject-publish): the publisher's confirm becomes a nack. A
         queue that is gone or no longer led here is skipped (as a publish racing a
         delete: the message is dropped and confirmed)."""
@@ -852,6 +854,7 @@ class Broker:
                 now_ms,
                 message_ttl,
                 effects,
+                redelivered,
             ):
                 accepted = False
         return accepted
@@ -868,6 +871,7 @@ class Broker:
         now_ms: int,
         message_ttl: int | None,
         effects: list[Effect],
+        redelivered: bool = False,
     ) -> bool:
         """One queue takes its copy of a published message; False when it refuses it
         (x-overflow reject-publish at its limit; reject-publish-dlx dead-letters it)."""
@@ -880,6 +884,8 @@ class Broker:
                 self._dead_letter(queue, [refused], "maxlen", effects)
             return False
         message = Message(message_id, exchange_name, routing_key, properties, props, body, now_ms)
+        if redelivered:
+            message.redelivered = True
         if message_ttl is not None or queue.ttl is not None:
             message.expires_ms = self._expiry(queue.ttl, message_ttl)
             if not queue.expiring:
@@ -1529,7 +1535,7 @@ class Broker:
         if queue is None or queue.leader == leader:
             return False
         was_local = not queue.remote and queue.leader != ""
-        self._void_unacked(queue)
+        unacked = self._void_unacked(queue)
         queue.leader = leader
         queue.remote = leader != self.node_name
         if not queue.remote:
@@ -1540,6 +1546,12 @@ class Broker:
                 consumer.channel.consumers.pop(consumer.tag, None)
                 effects.append(CancelConsumer(consumer.channel.ref, consumer.tag))
                 queue.remove_consumer(consumer)
+            # Delivered-but-unacked messages go first (they are the oldest), marked
+            # redelivered, then the ready ones in order.
+            for message in unacked:
+                message.redelivered = True
+                message.expires_ms = None  # the new leader's TTL counts afresh
+                effects.append(Forward(leader, vhost, name, message))
             for message in queue.messages():
                 message.expires_ms = None
                 effects.append(Forward(leader, vhost, name, message))
@@ -1549,8 +1561,11 @@ class Broker:
             self.backlogged.pop(queue, None)
         return True
 
-    def _void_unacked(self, queue: Queue) -> None:
+    def _void_unacked(self, queue: Queue) -> list[Message]:
+        """Unacked deliveries of `queue` on this node's channels become void; returns
+        those this node held itself (a local queue's), in delivery order."""
         void = self.void
+        held_here: list[Message] = []
         for channel in self.channels.values():
             if not channel.unacked:
                 continue
@@ -1562,7 +1577,10 @@ class Broker:
                     channel.consumer_unacked -= 1
                 if not queue.remote:
                     self.total_bytes -= len(message.body)
+                    held_here.append(message)
                 channel.unacked[tag] = (void, message, None)
+        held_here.sort(key=lambda m: m.id)
+        return held_here
 
     def check_delete(
         self, vhost: str, name: str, owner: ConnId, *, if_unused: bool, if_empty: bool

@@ -305,9 +305,13 @@ def test_moving_a_local_queue_away_cancels_consumers_and_forwards_ready_in_order
         CancelConsumer(other, "c2"),
     ]
     forwards = of_type(out.effects, Forward)
-    assert [(f.leader, f.vhost, f.queue, f.message.body) for f in forwards] == [
-        ("b", "/", "q", b"m3"),
-        ("b", "/", "q", b"m4"),
+    # The delivered-but-unacked ones move too, first and marked redelivered: nothing a
+    # rebalance moves is lost (their acks here are void now).
+    assert [(f.leader, f.queue, f.message.body, f.message.redelivered) for f in forwards] == [
+        ("b", "q", b"m1", True),
+        ("b", "q", b"m2", True),
+        ("b", "q", b"m3", False),
+        ("b", "q", b"m4", False),
     ]
     assert not a.sm.has_consumer(REF, "c1")
     assert not a.sm.has_consumer(other, "c2")
@@ -331,11 +335,12 @@ def test_forwarded_messages_keep_queue_order() -> None:
     a.ok(a.nack(2, requeue=True))  # "2" returns to its place, before "3"
     out = move(a, "q", "b", expect="a")
     forwards = of_type(out.effects, Forward)
-    assert [f.message.body for f in forwards] == [b"2", b"3", b"4"]
-    assert [f.message.redelivered for f in forwards] == [True, False, False]
+    # "1", unacked here, moves first (redelivered), then the ready ones in queue order.
+    assert [f.message.body for f in forwards] == [b"1", b"2", b"3", b"4"]
+    assert [f.message.redelivered for f in forwards] == [True, True, False, False]
     assert all(f.message.expires_ms is None for f in forwards)
     assert of_type(out.effects, CancelConsumer) == []
-    # "1" is still unacked here: void now, its ack relays nothing.
+    # "1" is void here now: its ack relays nothing.
     ack = a.run(a.ack(1))
     assert ack.reply == Ok()
     assert settles(ack) == [RemoteSettle("", REF, 1, "ack", False)]

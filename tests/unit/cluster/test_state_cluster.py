@@ -491,9 +491,11 @@ def test_a_node_applying_its_own_node_down_hands_its_queues_over() -> None:
     effects = out["a"][0].effects if out["a"][0] is not None else []
     assert [e for e in effects if isinstance(e, CancelConsumer)] == [CancelConsumer(ref, "t")]
     forwards = [e for e in effects if isinstance(e, Forward)]
-    assert [(f.leader, f.queue, f.message.body) for f in forwards] == [
-        ("b", "q", b"2"),
-        ("b", "q", b"3"),
+    # The unacked "1" goes too, first and redelivered (at least once).
+    assert [(f.leader, f.queue, f.message.body, f.message.redelivered) for f in forwards] == [
+        ("b", "q", b"1", True),
+        ("b", "q", b"2", False),
+        ("b", "q", b"3", False),
     ]
     assert out["b"][0] is not None
     assert out["b"][0].effects == []

@@ -334,6 +334,9 @@ def test_enqueue_keeps_the_publish_exactly() -> None:
     )
     decoded = wire.decode(wire.enqueue(4, ("q1", "q2"), publish))
     assert decoded == wire.Enqueue(4, ("q1", "q2"), dataclasses.replace(publish, mandatory=False))
+    moved = wire.decode(wire.enqueue(0, ("q1",), publish, redelivered=True))
+    assert isinstance(moved, wire.Enqueue)
+    assert moved.redelivered
     assert isinstance(decoded, wire.Enqueue)
     assert decoded.publish.props == publish.props
 
