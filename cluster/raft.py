@@ -125,11 +125,15 @@ def _addr(a: Address) -> str:
 class RaftConfig:
     """Everything one Raft member needs. Times are seconds.
 
-    Tuning (measured, see the research notes on pysyncobj): a new command waits for the
-    next tick, so `auto_tick_period` dominates single-command latency (0.05 default → ~100
-    ms; 0.005 → ~11 ms). `connection_timeout` is how long a silent peer connection is kept:
-    it must outlast a full snapshot transfer (the receiving follower sends nothing until it
-    has it all; 3.5 s made a 100 MB catch-up loop forever, 60 s let it finish in 39 s). Its
+    Tuning (measured, see the research notes on pysyncobj): with pysyncobj's batching
+    (its default) a new command waits for the next tick and heartbeat, so the tick period
+    dominated single-command latency (0.05 → ~100 ms; 0.005 → ~11 ms). We turn batching off
+    (`appendEntriesUseBatch=False`): a submit wakes the tick thread through pysyncobj's pipe
+    and the entry is sent at once, so both periods can stay long (50 ms: few wake-ups of a
+    thread that competes with the event loop for the GIL). `connection_timeout` is how long
+    a silent peer connection is kept: it must outlast a full snapshot transfer (the
+    receiving follower sends nothing until it has it all; 3.5 s made a 100 MB catch-up loop
+    forever, 60 s let it finish in 39 s). Its
     cost: a peer that vanishes silently (partition, frozen host — not a crash, whose socket
     closes at once) still counts as connected for that long, and the leader buffers its
     appends to it in memory meanwhile. Elections do not wait for it (they run on the
@@ -144,8 +148,8 @@ class RaftConfig:
     # Address the Raft port binds to; None = the host of self_address (never 0.0.0.0
     # unless asked for explicitly here).
     bind_host: str | None = None
-    auto_tick_period: float = 0.005
-    append_entries_period: float = 0.01
+    auto_tick_period: float = 0.05
+    append_entries_period: float = 0.05
     raft_min_timeout: float = 0.4
     raft_max_timeout: float = 1.4
     connection_timeout: float = 60.0
@@ -310,6 +314,12 @@ class RaftNode:
             autoTick=True,
             autoTickPeriod=config.auto_tick_period,
             appendEntriesPeriod=config.append_entries_period,
+            # No batching window: a submitted entry wakes the tick thread (pysyncobj's pipe
+            # notifier) and is sent at once, and a commit is announced to followers at
+            # once. So commit latency does not depend on the tick or heartbeat periods,
+            # which can then be long (fewer wake-ups of the tick thread, which competes
+            # with the event loop for the GIL: measured, 5 ms ticks added ~1 ms to p99).
+            appendEntriesUseBatch=False,
             raftMinTimeout=config.raft_min_timeout,
             raftMaxTimeout=config.raft_max_timeout,
             connectionTimeout=config.connection_timeout,
