@@ -182,8 +182,7 @@ class StateMachine:
     # ---- cluster -----------------------------------------------------------------------
 
     def _set_leader(self, cmd: c.SetLeader) -> Outcome:
-        vh = self._broker.vhosts.get(cmd.vhost)
-        queue = vh.queues.get(cmd.queue) if vh is not None else None
+        queue = self._broker.find_queue(cmd.vhost, cmd.queue)
         effects: list[Effect] = []
         if queue is not None and queue.leader == cmd.expect:
             leader = cmd.leader
@@ -202,7 +201,7 @@ class StateMachine:
         """x-expires counts from now for every queue (after a restart or a resync: the
         log's old declaration times are not uses)."""
         broker = self._broker
-        broker.now_ms = max(broker.now_ms, now_ms)
+        broker.begin(now_ms)
         for vh in broker.vhosts.values():
             for queue in vh.queues.values():
                 queue.last_used_ms = now_ms
@@ -274,8 +273,7 @@ class StateMachine:
 
     def leader_of(self, vhost: str, name: str) -> str | None:
         """The node leading a queue ("" outside a cluster), None when there is none."""
-        vh = self._broker.vhosts.get(vhost)
-        queue = vh.queues.get(name) if vh is not None else None
+        queue = self._broker.find_queue(vhost, name)
         return None if queue is None else queue.leader
 
     def queue_leaders(self) -> list[tuple[str, str, str, bool]]:
@@ -293,9 +291,7 @@ class StateMachine:
     ) -> tuple[bool, list[Effect]]:
         """A message another node routed to `queues` led here: (accepted, effects)."""
         broker = self._broker
-        if publish.now_ms > broker.now_ms:
-            broker.now_ms = publish.now_ms
-        broker.expire_budget = EXPIRE_BUDGET
+        broker.begin(publish.now_ms)
         effects: list[Effect] = []
         accepted = broker.enqueue_forwarded(
             publish.vhost,
@@ -475,8 +471,7 @@ class StateMachine:
         return vhost in self._broker.vhosts
 
     def queue_exists(self, vhost: str, name: str) -> bool:
-        vh = self._broker.vhosts.get(vhost)
-        return vh is not None and name in vh.queues
+        return self._broker.find_queue(vhost, name) is not None
 
     def queues(self, vhost: str) -> Iterator[views.QueueView]:
         return views.queues(self._broker, vhost)

@@ -569,6 +569,11 @@ class Broker:
         if queue.expires is not None:
             self.expirable[queue] = None
 
+    def find_queue(self, vhost: str, name: str) -> Queue | None:
+        """The queue as the topology has it (no x-expires or condemnation check)."""
+        vh = self.vhosts.get(vhost)
+        return None if vh is None else vh.queues.get(name)
+
     def _lookup(self, vh: Vhost, name: str) -> Queue | None:
         """The queue, unless x-expires says it is gone (then it goes now; in a cluster its
         leader condemns it and it lives on until the deletion is replicated)."""
@@ -600,8 +605,7 @@ class Broker:
     def drop_queue(self, vhost: str, name: str, touched: int, effects: list[Effect]) -> Reply:
         """The replicated end of a condemned queue: deleted unless it was declared again
         since it was condemned (then it lives on, no longer condemned)."""
-        vh = self.vhosts.get(vhost)
-        queue = vh.queues.get(name) if vh is not None else None
+        queue = self.find_queue(vhost, name)
         if queue is None:
             return OK
         if queue.touched != touched:
@@ -648,13 +652,20 @@ class Broker:
         queue = self._owned_queue(vhost, name, owner, method, effects)
         if isinstance(queue, AmqpError):
             return queue
-        if if_unused and queue.consumers:
-            return errors.in_use("queue", vhost, name, method)
-        if if_empty and queue.message_count:
-            return errors.not_empty(vhost, name)
+        refused = self._delete_refused(queue, if_unused=if_unused, if_empty=if_empty)
+        if refused is not None:
+            return refused
         count = queue.message_count
         self._delete_queue(queue, effects)
         return Count(count)
+
+    def _delete_refused(self, queue: Queue, *, if_unused: bool, if_empty: bool) -> AmqpError | None:
+        """queue.delete's if-unused / if-empty refusal, if any."""
+        if if_unused and queue.consumers:
+            return errors.in_use("queue", queue.vhost, queue.name, Method.QUEUE_DELETE)
+        if if_empty and queue.message_count:
+            return errors.not_empty(queue.vhost, queue.name)
+        return None
 
     def _delete_queue(self, queue: Queue, effects: list[Effect]) -> None:
         vh = self.vhosts[queue.vhost]
@@ -790,18 +801,10 @@ class Broker:
                 remote.append(queue)
                 continue
             # Each queue owns its copy: redelivered and delivery_count are per queue.
-            if not self._accept(
-                queue,
-                message_id,
-                exchange_name,
-                routing_key,
-                properties,
-                props,
-                body,
-                now_ms,
-                message_ttl,
-                effects,
-            ):
+            message = Message(
+                message_id, exchange_name, routing_key, properties, props, body, now_ms
+            )
+            if not self._accept(queue, message, message_ttl, effects):
                 rejected = True
         if remote is not None:
             return Routed(len(queues), rejected=rejected, remote=tuple(remote))
@@ -843,49 +846,25 @@ class Broker:
             queue = vh.queues.get(name)
             if queue is None or queue.remote:
                 continue
-            if not self._accept(
-                queue,
-                message_id,
-                exchange_name,
-                routing_key,
-                properties,
-                props,
-                body,
-                now_ms,
-                message_ttl,
-                effects,
-                redelivered,
-            ):
+            message = Message(
+                message_id, exchange_name, routing_key, properties, props, body, now_ms
+            )
+            message.redelivered = redelivered
+            if not self._accept(queue, message, message_ttl, effects):
                 accepted = False
         return accepted
 
     def _accept(
-        self,
-        queue: Queue,
-        message_id: int,
-        exchange_name: str,
-        routing_key: str,
-        properties: bytes,
-        props: Properties,
-        body: bytes,
-        now_ms: int,
-        message_ttl: int | None,
-        effects: list[Effect],
-        redelivered: bool = False,
+        self, queue: Queue, message: Message, message_ttl: int | None, effects: list[Effect]
     ) -> bool:
-        """One queue takes its copy of a published message; False when it refuses it
-        (x-overflow reject-publish at its limit; reject-publish-dlx dead-letters it)."""
-        size = len(body)
+        """`queue` (led here) takes `message`, its own copy; False when it refuses it
+        (x-overflow reject-publish at its limit; reject-publish-dlx dead-letters it).
+        Publishes, forwarded messages and dead-lettered ones all enter a queue here."""
+        size = len(message.body)
         if queue.limited and queue.refuses(size):
             if queue.overflow_dlx and queue.dead_letters:
-                refused = Message(
-                    message_id, exchange_name, routing_key, properties, props, body, now_ms
-                )
-                self._dead_letter(queue, [refused], "maxlen", effects)
+                self._dead_letter(queue, [message], "maxlen", effects)
             return False
-        message = Message(message_id, exchange_name, routing_key, properties, props, body, now_ms)
-        if redelivered:
-            message.redelivered = True
         if message_ttl is not None or queue.ttl is not None:
             message.expires_ms = self._expiry(queue.ttl, message_ttl)
             if not queue.expiring:
@@ -1088,31 +1067,12 @@ class Broker:
             self._enqueue(dest, copy, effects)
 
     def _enqueue(self, queue: Queue, message: Message, effects: list[Effect]) -> None:
-        """What `publish` does for each target queue (kept inline there: the hot path),
-        for a message with no expiration property (dead-lettered ones). A full
-        reject-publish queue refuses it (a reject-publish-dlx one dead-letters it)."""
+        """A dead-lettered message (no expiration property) for `queue`: taken as a
+        publish is (`_accept`), or forwarded to the queue's leader in a cluster."""
         if queue.remote:
             effects.append(Forward(queue.leader, queue.vhost, queue.name, message))
             return
-        size = len(message.body)
-        if queue.limited and queue.refuses(size):
-            if queue.overflow_dlx and queue.dead_letters:
-                self._dead_letter(queue, [message], "maxlen", effects)
-            return
-        if queue.ttl is not None:
-            message.expires_ms = self.now_ms + queue.ttl
-            if not queue.expiring:
-                queue.expiring = True
-                self.expiring[queue] = None
-        queue.ready.append(message)
-        queue.ready_bytes += size
-        self.total_bytes += size
-        if queue.consumers:
-            self._dispatch(queue, effects)
-        if queue.limited:
-            self._drop_over_limit(queue, effects)
-        if queue.expiring:
-            self._expire(queue, effects, inclusive=True)
+        self._accept(queue, message, None, effects)
 
     def _route(
         self, vh: Vhost, exchange: Exchange, routing_key: str, headers: FieldTable | None
@@ -1516,8 +1476,7 @@ class Broker:
         tag = channel.next_tag
         channel.next_tag = tag + 1
         if not no_ack:
-            vh = self.vhosts.get(vhost)
-            queue = vh.queues.get(name) if vh is not None else None
+            queue = self.find_queue(vhost, name)
             if queue is None or not queue.remote:
                 queue = self.void
             message.id = leader_tag
@@ -1530,8 +1489,7 @@ class Broker:
         relay nothing). A queue that stops being led here cancels its consumers (with
         basic.cancel, so clients re-subscribe) and hands its ready messages to the new
         leader as `Forward` effects; one that starts being led here starts empty."""
-        vh = self.vhosts.get(vhost)
-        queue = vh.queues.get(name) if vh is not None else None
+        queue = self.find_queue(vhost, name)
         if queue is None or queue.leader == leader:
             return False
         was_local = not queue.remote and queue.leader != ""
@@ -1596,16 +1554,12 @@ class Broker:
             return Count(0)
         if queue.exclusive and queue.owner != owner:
             return errors.locked(vhost, name, method)
-        if if_unused and queue.consumers:
-            return errors.in_use("queue", vhost, name, method)
-        if if_empty and queue.message_count:
-            return errors.not_empty(vhost, name)
-        return Count(queue.message_count)
+        refused = self._delete_refused(queue, if_unused=if_unused, if_empty=if_empty)
+        return refused if refused is not None else Count(queue.message_count)
 
     def queue_counts(self, vhost: str, name: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of a queue, or None when there is no such queue."""
-        vh = self.vhosts.get(vhost)
-        queue = vh.queues.get(name) if vh is not None else None
+        queue = self.find_queue(vhost, name)
         return None if queue is None else (queue.message_count, queue.consumer_count)
 
     # ---- read-only helpers -------------------------------------------------------------
