@@ -332,7 +332,7 @@ class ClusterNode:
             if type(command) in _MOVES:
                 moved = True
             if type(command) is c.Member:
-                self._learn_member(command)
+                self._link_peer(command.name, command.link)
             if command_id is None:
                 continue
             waiter = self._waiters.pop(command_id, None)
@@ -350,11 +350,10 @@ class ClusterNode:
             self.shell.queue_moved()
         self.shell.dispatch()
 
-    def _learn_member(self, member: c.Member) -> None:
-        if member.name == self.name or not member.link:
-            return
-        host, _, port = member.link.rpartition(":")
-        self._link.set_peer(member.name, (host, int(port)))
+    def _link_peer(self, name: str, link: str) -> None:
+        """Dial a member's node link (as the replicated state announces it)."""
+        if name != self.name and link:
+            self._link.set_peer(name, _address(link))
 
     def _snapshot_on_tick(self) -> bytes:
         box: concurrent.futures.Future[bytes] = concurrent.futures.Future()
@@ -377,9 +376,7 @@ class ClusterNode:
             state.touch_queues(_now_ms())
             self.shell.replace_state(state)
             for member in state.members.values():
-                if member.name != self.name and member.link:
-                    host, _, port = member.link.rpartition(":")
-                    self._link.set_peer(member.name, (host, int(port)))
+                self._link_peer(member.name, member.link)
             for peer in self._link.up_peers():
                 self._link.send(peer, wire.reset())
             self.log.info("raft.snapshot_restored", members=len(state.members))
@@ -489,6 +486,12 @@ class ClusterNode:
         publishers here should pause (credit flow across nodes)."""
         link = self._link
         return any(link.buffered_bytes(p) > LINK_HIGH_BYTES for p in link.up_peers())
+
+    def _link_majority(self) -> bool:
+        """This node and the members it reaches over the link are a majority."""
+        members = self.shell.state.members
+        reached = 1 + sum(1 for m in members if m != self.name and self._link.is_up(m))
+        return reached * 2 > max(len(members), 1)
 
     def is_up(self, node: str) -> bool:
         return node == self.name or self._link.is_up(node)
@@ -712,11 +715,9 @@ class ClusterNode:
             # still be coming up) and that reaches a majority over the link itself: a
             # leader cut off from the others must not propose that they are down (such an
             # entry could still commit once the partition heals).
-            members = self.shell.state.members
-            reachable = 1 + sum(1 for m in members if m != self.name and self._link.is_up(m))
-            if now - self._leader_since < LEADER_GRACE_S or reachable * 2 <= len(members):
+            if now - self._leader_since < LEADER_GRACE_S or not self._link_majority():
                 continue
-            for member in list(members.values()):
+            for member in list(self.shell.state.members.values()):
                 if member.name == self.name:
                     continue
                 up = self._link.is_up(member.name)
@@ -767,10 +768,8 @@ class ClusterNode:
             )
         # pysyncobj counts open TCP connections, which a silent partition keeps for its
         # 60 s connection timeout; the link notices within seconds.
-        voters = max(len(state.members), 1)
-        linked = 1 + sum(1 for m in state.members if m != self.name and self._link.is_up(m))
         quorum = bool(raft_status and raft_status.has_quorum and raft_status.leader)
-        quorum = quorum and linked * 2 > voters
+        quorum = quorum and self._link_majority()
         return {
             "node": self.name,
             "raft": {
@@ -804,8 +803,7 @@ class ClusterNode:
         return {"moved": len(commands), "leaders": state.leader_counts()}
 
     async def add_member(self, name: str, raft_address: str) -> None:
-        host, _, port = raft_address.rpartition(":")
-        future = self.raft.add_member((host, int(port)))
+        future = self.raft.add_member(_address(raft_address))
         try:
             await asyncio.wrap_future(future)
         except RaftError as exc:
@@ -815,9 +813,8 @@ class ClusterNode:
         member = self.shell.state.members.get(name)
         if member is None:
             raise ClusterUnavailable(AmqpError(404, f"no member named {name!r}"))
-        host, _, port = member.raft.rpartition(":")
         try:
-            await asyncio.wrap_future(self.raft.remove_member((host, int(port))))
+            await asyncio.wrap_future(self.raft.remove_member(_address(member.raft)))
         except RaftError as exc:
             raise unavailable(self.name, f"remove-member {name}: {exc}") from None
         await self.replicate([c.ForgetMember(now_ms=_now_ms(), node=name)])
@@ -829,6 +826,12 @@ _MOVES = frozenset({c.SetLeader, c.NodeDown, c.ForgetMember, c.DeleteQueue, c.Dr
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _address(text: str) -> tuple[str, int]:
+    """ "host:port" (as members announce their addresses) as a socket address."""
+    host, _, port = text.rpartition(":")
+    return host, int(port)
 
 
 def _origin(command_id: bytes) -> str:

@@ -26,7 +26,7 @@ Kinds (origin = the node a client is connected to, leader = the node leading a q
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cluster import codec
@@ -107,6 +107,9 @@ class Delivery:
     routing_key: str
     properties: bytes
     body: bytes
+    # The message as `decode` built it (validating the property block): kept, so the
+    # receiver does not decode the properties a second time.
+    message: Message | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +391,8 @@ def _decode(data: bytes) -> LinkMessage:
             r.text(size) for size in (lt, lv, lq, le, lr)
         )
         properties = r.take(lp)
-        delivery = Delivery(
+        body = r.rest()
+        return Delivery(
             ChannelRef(conn, ch),
             consumer_tag,
             tag,
@@ -399,10 +403,9 @@ def _decode(data: bytes) -> LinkMessage:
             exchange,
             routing_key,
             properties,
-            r.rest(),
+            body,
+            _message(exchange, routing_key, properties, body),  # the block must decode
         )
-        delivered_message(delivery)  # the property block must decode
-        return delivery
     if kind == COMMAND:
         cmd, _id = codec.decode(data[1:])
         return CommandMsg(cmd)
@@ -469,4 +472,6 @@ def _decode_reply(r: _Reader) -> Reply:
 
 def delivered_message(d: Delivery) -> Message:
     """The message of a DELIVER, as the origin's model records it."""
+    if d.message is not None:
+        return d.message
     return _message(d.exchange, d.routing_key, d.properties, d.body)

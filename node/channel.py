@@ -436,6 +436,20 @@ class Channel:
                 touched = self.drop_remote_consumer(tag, notify=True) or touched
         return touched
 
+    def _check_here(self, queue: str, method: Any) -> None:
+        """Before asking a remote leader: the queue's existence and exclusive ownership,
+        against this node's copy of the topology (a passive declare)."""
+        self._run(
+            cmd.DeclareQueue(
+                now_ms=self.host.now_ms(),
+                vhost=self.host.vhost,
+                queue=queue,
+                owner=self.host.conn_id,
+                passive=True,
+            ),
+            method,
+        )
+
     def _remote_leader(self, queue: str) -> str | None:
         """The queue's leader when it is another node (None: local, or no cluster)."""
         cluster = self.host.cluster
@@ -800,16 +814,7 @@ class Channel:
         tag = command.consumer_tag
         if tag in self.remote_consumers or self.host.state.has_consumer(self.ref, tag):
             raise ChannelError(errors.reused_tag(tag))
-        self._run(  # existence, ownership and exclusivity checks against this node's copy
-            cmd.DeclareQueue(
-                now_ms=command.now_ms,
-                vhost=command.vhost,
-                queue=command.queue,
-                owner=self.host.conn_id,
-                passive=True,
-            ),
-            m,
-        )
+        self._check_here(command.queue, m)
         rc = self.remote_consumers[tag] = RemoteConsumer(
             leader, command.vhost, command.queue, command.no_ack
         )
@@ -883,16 +888,7 @@ class Channel:
             return
         cluster = self.host.cluster
         assert cluster is not None
-        self._run(  # existence and ownership checks against this node's copy
-            cmd.DeclareQueue(
-                now_ms=command.now_ms,
-                vhost=command.vhost,
-                queue=command.queue,
-                owner=self.host.conn_id,
-                passive=True,
-            ),
-            m,
-        )
+        self._check_here(command.queue, m)
         self.proxies.add(leader)
 
         async def get() -> Reply:
