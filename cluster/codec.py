@@ -80,6 +80,8 @@ TAGS: Mapping[type[c.Command], int] = MappingProxyType(
         c.NodeUp: 27,
         c.ForgetMember: 28,
         c.DropQueue: 29,
+        c.Persist: 30,
+        c.Settle: 31,
     }
 )
 
@@ -229,6 +231,19 @@ LAYOUTS: Mapping[type[c.Command], Layout] = MappingProxyType(
         c.NodeUp: (_NOW, ("node", STR)),
         c.ForgetMember: (_NOW, ("node", STR)),
         c.DropQueue: (_NOW, ("vhost", STR), ("queue", STR), ("touched", I64)),
+        c.Persist: (
+            _NOW,
+            ("vhost", STR),
+            ("queue", STR),
+            ("exchange", STR),
+            ("routing_key", STR),
+            ("properties", BYTES),
+            ("props", PROPS),
+            ("body", BYTES),
+            ("redelivered", BOOL),
+            ("delivery_count", I64),
+        ),
+        c.Settle: (_NOW, ("vhost", STR), ("queue", STR), ("gone", U64S), ("returned", U64S)),
     }
 )
 

@@ -321,6 +321,35 @@ class DropQueue(Command):
     touched: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Persist(Command):
+    """A persistent message for a durable queue's replicated log (batched: many in one
+    log entry). Every node stores it under the next rid; the queue's leader also enqueues
+    it. `now_ms` is when it was published (its TTL counts from then on every node)."""
+
+    vhost: str
+    queue: str
+    exchange: str
+    routing_key: str
+    properties: bytes
+    props: Properties
+    body: bytes
+    redelivered: bool = False
+    delivery_count: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settle(Command):
+    """A durable queue's leader settled logged messages: `gone` ones (acked, rejected,
+    expired, dropped, purged) leave every node's log, `returned` ones (requeued) count a
+    delivery. Batched like Persist."""
+
+    vhost: str
+    queue: str
+    gone: tuple[int, ...] = ()
+    returned: tuple[int, ...] = ()
+
+
 AnyCommand = (
     OpenChannel
     | CloseChannel
@@ -351,6 +380,8 @@ AnyCommand = (
     | NodeUp
     | ForgetMember
     | DropQueue
+    | Persist
+    | Settle
 )
 
 

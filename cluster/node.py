@@ -41,6 +41,7 @@ from anyio.abc import TaskGroup
 
 from cluster import codec, placement, wire
 from cluster import commands as c
+from cluster.durable import MAX_ENTRY_BYTES, DurableLog
 from cluster.link import NodeLink
 from cluster.raft import MaybeApplied, NotApplied, RaftClosed, RaftConfig, RaftError, RaftNode
 from cluster.state import StateMachine
@@ -196,6 +197,8 @@ class ClusterNode:
         self._last_leader: str | None = None
         self.forwarded_messages = 0
         self.forwarded_bytes = 0
+        self.durable = DurableLog(self)
+        self._entry_waiters: dict[bytes, asyncio.Future[list[Outcome | None]]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -226,7 +229,10 @@ class ClusterNode:
                 data_dir=cfg.data_dir,
                 password=cfg.secret,
                 bind_host=cfg.raft_host,
+                max_entry_bytes=MAX_ENTRY_BYTES,
             )
+            # Until it has caught up, the node only stores what the log holds.
+            self.shell.state.begin_catch_up()
             self._raft = RaftNode(
                 raft_config, self._apply_on_tick, self._snapshot_on_tick, self._restore_on_tick
             )
@@ -239,6 +245,7 @@ class ClusterNode:
             try:
                 await self._wait_ready()
                 self.shell.state.touch_queues(_now_ms())
+                self.shell.absorb(self.shell.state.activate(_now_ms()))
                 await self._announce()
                 self.ready.set()
                 self._started = time.monotonic()
@@ -325,6 +332,10 @@ class ClusterNode:
             return
         state = self.shell.state
         outcomes = state.apply_logged(entries)
+        if entries and entries[0][1] is not None:
+            entry_waiter = self._entry_waiters.pop(entries[0][1], None)
+            if entry_waiter is not None and not entry_waiter.done():
+                entry_waiter.set_result(outcomes)
         moved = False
         for (command, command_id), outcome in zip(entries, outcomes, strict=True):
             if outcome is not None and outcome.effects:
@@ -374,6 +385,10 @@ class ClusterNode:
                 data, self.name, rewrite_headers=old._broker.rewrite_headers
             )
             state.touch_queues(_now_ms())
+            if self.ready.is_set():
+                self.shell.absorb(state.activate(_now_ms()))
+            else:
+                state.begin_catch_up()
             self.shell.replace_state(state)
             for member in state.members.values():
                 self._link_peer(member.name, member.link)
@@ -432,6 +447,45 @@ class ClusterNode:
             self._acks.pop(last, None)
             self._ack_events.pop(last, None)
         return outcomes
+
+    async def log_entry(self, commands: Sequence[c.AnyCommand]) -> list[Outcome | None] | None:
+        """One durable-log entry (cluster/durable.py): its commands' outcomes here once it
+        is committed and applied, or None when that did not happen in time (it may still
+        be applied later: its id makes a retry harmless)."""
+        raft = self._raft
+        if raft is None:
+            return None
+        command_id = self.new_id()
+        waiter: asyncio.Future[list[Outcome | None]] = asyncio.get_running_loop().create_future()
+        self._entry_waiters[command_id] = waiter
+        ids: list[bytes | None] = [command_id] + [None] * (len(commands) - 1)
+        try:
+            entry = codec.encode_batch(commands, command_ids=ids)
+            try:
+                await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
+            except (RaftError, ValueError) as exc:
+                if not waiter.done():
+                    self.log.warning(
+                        "durable.not_committed", reason=str(exc), commands=len(commands)
+                    )
+                    return None
+            with anyio.move_on_after(APPLIED_WAIT_S):
+                return await waiter
+            return None
+        finally:
+            self._entry_waiters.pop(command_id, None)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` (async) in the node's task group; a bug in it is logged."""
+        assert self._tg is not None
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                self.log.exception("cluster.task_failed", task=getattr(fn, "__name__", "?"))
+
+        self._tg.start_soon(guarded)
 
     async def _wait_applied(self, command_id: bytes) -> None:
         """Until every reachable node that had to apply `command_id` said it did."""
@@ -598,7 +652,14 @@ class ClusterNode:
             if effects:
                 shell.absorb(effects)
             if message.seq:
-                self._link.send(peer, wire.confirm(message.publish.channel, message.seq, ok))
+                ref, seq = message.publish.channel, message.seq
+                link = self._link
+
+                def confirmed(logged: bool, ok: bool = ok) -> None:
+                    link.send(peer, wire.confirm(ref, seq, ok and logged))
+
+                if not self.durable.ticket(shell.state, confirmed):
+                    link.send(peer, wire.confirm(ref, seq, ok))
         elif kind is wire.Delivery:
             assert isinstance(message, wire.Delivery)
             if not shell.deliver_remote(message) and not message.no_ack:

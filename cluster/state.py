@@ -40,9 +40,11 @@ from node.broker.deadletter import HeaderRewriter
 from node.broker.errors import NOT_IMPLEMENTED
 from node.broker.exchange_type import ExchangeType
 from node.broker.model import DEFAULT_VHOST, EXPIRE_BUDGET, Broker
-from node.broker.types import AmqpError, ChannelRef, Effect, Ok, Outcome, Reply
+from node.broker.types import AmqpError, ChannelRef, Effect, Message, Ok, Outcome, Reply, Routed
 
 OK = Ok()
+LOGGED = Routed(1)  # a Persist's outcome: enqueued (or stored)
+REFUSED = Routed(1, rejected=True)  # ... refused by its queue (reject-publish)
 
 SNAPSHOT_FORMAT = "warren-state"
 TOPOLOGY_FORMAT = "warren-topology"
@@ -92,6 +94,7 @@ class StateMachine:
         self._broker = b = broker
         b.node_name = self.node_name
         b.clustered = bool(self.node_name)
+        b.durable = b.clustered
         self._handlers: dict[type, _Handler] = {
             c.OpenChannel: lambda cmd: Outcome(b.open_channel(cmd.channel)),
             c.CloseChannel: self._close_channel,
@@ -136,6 +139,8 @@ class StateMachine:
             c.NodeUp: self._node_up,
             c.ForgetMember: self._forget_member,
             c.DropQueue: self._drop_queue,
+            c.Persist: self._persist,
+            c.Settle: self._settle,
         }
 
     # ---- the one entry point -----------------------------------------------------------
@@ -165,15 +170,18 @@ class StateMachine:
         outcomes: list[Outcome | None] = []
         broker = self._broker
         broker.replaying = True
+        skipping = False  # a command without an id shares the fate of the one before it
         try:
             for command, command_id in entries:
                 if command_id is not None:
-                    if command_id in seen:
-                        outcomes.append(None)
-                        continue
-                    seen[command_id] = None
-                    if len(seen) > DEDUP_WINDOW:
-                        seen.popitem(last=False)
+                    skipping = command_id in seen
+                    if not skipping:
+                        seen[command_id] = None
+                        if len(seen) > DEDUP_WINDOW:
+                            seen.popitem(last=False)
+                if skipping:
+                    outcomes.append(None)
+                    continue
                 outcomes.append(self.apply(command))
         finally:
             broker.replaying = False
@@ -192,6 +200,61 @@ class StateMachine:
                 leader = placement.least_loaded(self.alive(), self.leader_counts()) or leader
             self._broker.set_leader(cmd.vhost, cmd.queue, leader, effects)
         return Outcome(OK, effects)
+
+    def _persist(self, cmd: c.Persist) -> Outcome:
+        broker = self._broker
+        rid = broker.next_rid
+        broker.next_rid = rid + 1
+        stored = Message(
+            0,
+            cmd.exchange,
+            cmd.routing_key,
+            cmd.properties,
+            cmd.props,
+            cmd.body,
+            cmd.now_ms,
+            cmd.redelivered,
+            cmd.delivery_count,
+            None,
+            rid,
+        )
+        effects: list[Effect] = []
+        taken = broker.log_message(cmd.vhost, cmd.queue, stored, effects)
+        return Outcome(LOGGED if taken else REFUSED, effects)
+
+    def _settle(self, cmd: c.Settle) -> Outcome:
+        effects: list[Effect] = []
+        self._broker.settle_log(cmd.vhost, cmd.queue, cmd.gone, cmd.returned, effects)
+        return Outcome(OK, effects)
+
+    def begin_catch_up(self) -> None:
+        """The node starts: until `activate`, it only stores what the log holds."""
+        self._broker.active = False
+
+    def activate(self, now_ms: int) -> list[Effect]:
+        """Caught up: the queues this node leads get live copies of their logs."""
+        broker = self._broker
+        broker.begin(now_ms)
+        effects: list[Effect] = []
+        broker.activate_all(effects)
+        return effects
+
+    def take_durable(
+        self,
+    ) -> tuple[list[tuple[Any, Message]], dict[Any, tuple[list[int], list[int]]]]:
+        """What this node must replicate since the last call: messages to log, and the
+        rids its queues settled and returned (see Broker.to_log and Broker.settled)."""
+        broker = self._broker
+        to_log, settled = broker.to_log, broker.settled
+        if to_log:
+            broker.to_log = []
+        if settled:
+            broker.settled = {}
+        return to_log, settled
+
+    def durable_pending(self) -> bool:
+        broker = self._broker
+        return bool(broker.to_log or broker.settled)
 
     def _drop_queue(self, cmd: c.DropQueue) -> Outcome:
         effects: list[Effect] = []
@@ -546,7 +609,7 @@ class StateMachine:
         machine._applied_ids = OrderedDict(
             (bytes.fromhex(i), None) for i in document["applied_ids"]
         )
-        broker = snapshots.load(document["broker"], exchange_types)
+        broker = snapshots.load(document["broker"], exchange_types, logs=True)
         broker.rewrite_headers = rewrite_headers
         for vh in broker.vhosts.values():
             for queue in vh.queues.values():

@@ -100,6 +100,10 @@ class RemoteConsumer:
         self.early: list[wire.Delivery] = []  # deliveries that beat the consume-ok
 
 
+# The pseudo-node a confirm waits at while its message is logged (never a node's name).
+LOG = "\x00log"
+
+
 def _ids(method: Any) -> tuple[int, int]:
     index = int(method.index)
     return index >> 16, index & 0xFFFF
@@ -320,8 +324,11 @@ class Channel:
             self._confirm_count = seq = self._confirm_count + 1
             if isinstance(reply, Routed) and reply.rejected:
                 self._nacked.add(seq)
-        if isinstance(reply, Routed) and reply.remote:
-            self._forward(command, reply.remote, seq)
+        if isinstance(reply, Routed):
+            if reply.durable and seq:
+                self._await_log(seq)
+            if reply.remote:
+                self._forward(command, reply.remote, seq)
 
     # ---- cluster: forwarding and remote consumers --------------------------------------
 
@@ -358,6 +365,21 @@ class Channel:
             if seq:
                 self._pending[seq] = self._pending.get(seq, 0) + 1
                 self._pending_at.setdefault(leader, set()).add(seq)
+
+    def _await_log(self, seq: int) -> None:
+        """The publish went into durable queues' logs here: its confirm waits for the
+        entry's commit (cluster/durable.py)."""
+        cluster = self.host.cluster
+        assert cluster is not None
+        ref = self.ref
+        shell = cluster.shell
+
+        def logged(ok: bool) -> None:
+            shell.remote_confirm(LOG, ref, seq, ok)  # (this channel, if still open)
+
+        if cluster.durable.ticket(self.host.state, logged):
+            self._pending[seq] = self._pending.get(seq, 0) + 1
+            self._pending_at.setdefault(LOG, set()).add(seq)
 
     def remote_confirmed(self, node: str, seq: int, ok: bool) -> None:
         waiting = self._pending_at.get(node)

@@ -176,6 +176,8 @@ class BrokerNode:
         self._dispatching = True
         cluster = self.cluster
         try:
+            if cluster is not None:
+                cluster.durable.collect(self.state)  # settles and logged messages to batch
             while self._effects or self._dirty:
                 effects, self._effects = self._effects, []
                 others: list[Effect] = []

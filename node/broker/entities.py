@@ -33,6 +33,22 @@ from node.broker.types import ChannelRef, ConnId, FieldTable, Message
 REJECT_OVERFLOW = frozenset({"reject-publish", "reject-publish-dlx"})
 
 
+def _remove_from(
+    returned: list[tuple[int, Message]], fresh: deque[Message], message: Message
+) -> bool:
+    for i, (_, held) in enumerate(returned):
+        if held is message:
+            returned[i] = returned[-1]
+            returned.pop()
+            heapq.heapify(returned)
+            return True
+    for i, held in enumerate(fresh):
+        if held is message:
+            del fresh[i]
+            return True
+    return False
+
+
 class PriorityReady:
     """The ready messages of a priority queue (see the module rules)."""
 
@@ -94,6 +110,14 @@ class PriorityReady:
             returned.clear()
             fresh.clear()
         self._count = 0
+
+    def remove(self, message: Message) -> bool:
+        """Take `message` out wherever it waits (linear: for rare corrections only)."""
+        returned, fresh = self._bucket(message)
+        if _remove_from(returned, fresh, message):
+            self._count -= 1
+            return True
+        return False
 
     def any_expired(self, now_ms: int) -> bool:
         """Whether the head of some priority has expired."""
@@ -286,6 +310,8 @@ class Queue:
         "last_used_ms",
         "leader",
         "limited",
+        "live",
+        "log",
         "max_bytes",
         "max_length",
         "name",
@@ -368,6 +394,11 @@ class Queue:
         # whether this node decided the queue must go (its clients no longer see it).
         self.touched = 0
         self.condemned = False
+        # Cluster, durable queues: the replicated log of its persistent messages, rid ->
+        # the stored copy (the same on every node: changed only by replicated commands),
+        # and on its leader the live copy of each stored message still held here.
+        self.log: dict[int, Message] = {}
+        self.live: dict[int, Message] = {}
 
     # ---- messages ----------------------------------------------------------------------
 
@@ -411,6 +442,20 @@ class Queue:
         """An unacked message is gone for good (ack, or reject without requeue)."""
         self.unacked_count -= 1
         self.unacked_bytes -= len(message.body)
+
+    def remove_ready(self, message: Message) -> bool:
+        """Take the ready `message` out of the queue; False if it is not ready here (it is
+        unacked, or gone). Linear in the queue's length: for rare corrections only (a
+        replicated settle of a message this node still holds)."""
+        if self.priorities:
+            assert isinstance(self.ready, PriorityReady)
+            found = self.ready.remove(message)
+        else:
+            assert isinstance(self.ready, deque)
+            found = _remove_from(self.returned, self.ready, message)
+        if found:
+            self.ready_bytes -= len(message.body)
+        return found
 
     def purge(self) -> int:
         count = self.message_count

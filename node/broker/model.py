@@ -211,6 +211,17 @@ class Broker:
             "", "", durable=False, exclusive=False, auto_delete=False, owner=None, arguments={}
         )
         self.void.remote = True
+        # Cluster, durable messages (see `_accept` and the module rules): whether
+        # persistent messages for durable queues go through the replicated log, whether
+        # this node holds live copies of the logs it leads yet (not while it catches up
+        # with the log at start), and what it must replicate, drained by the shell after
+        # every command: messages to log, and per queue the rids its leader settled
+        # (gone for good) and returned (requeued: the stored delivery count goes up).
+        self.durable = False
+        self.active = True
+        self.next_rid = 1
+        self.to_log: list[tuple[Queue, Message]] = []
+        self.settled: dict[Queue, tuple[list[int], list[int]]] = {}
         for name in vhosts:
             self.add_vhost(name)
 
@@ -696,6 +707,9 @@ class Broker:
         if isinstance(queue, AmqpError):
             return queue
         self.total_bytes -= queue.ready_bytes
+        if queue.live:
+            for message in queue.messages():
+                self._forget(queue, message)
         return Count(queue.purge())
 
     def bind_queue(
@@ -794,6 +808,7 @@ class Broker:
         self.next_message_id = message_id + 1
         rejected = False
         remote: list[Queue] | None = None
+        logged = len(self.to_log)
         for queue in queues:
             if queue.remote:  # led by another node: the channel forwards it there
                 if remote is None:
@@ -806,8 +821,11 @@ class Broker:
             )
             if not self._accept(queue, message, message_ttl, effects):
                 rejected = True
-        if remote is not None:
-            return Routed(len(queues), rejected=rejected, remote=tuple(remote))
+        durable = len(self.to_log) > logged
+        if remote is not None or durable:
+            return Routed(
+                len(queues), rejected=rejected, remote=tuple(remote or ()), durable=durable
+            )
         if rejected:
             return Routed(len(queues), rejected=True)
         return _routed(len(queues))
@@ -865,7 +883,21 @@ class Broker:
             if queue.overflow_dlx and queue.dead_letters:
                 self._dead_letter(queue, [message], "maxlen", effects)
             return False
-        if message_ttl is not None or queue.ttl is not None:
+        if (
+            self.durable
+            and not message.rid
+            and queue.durable
+            and message.props.delivery_mode == 2
+            and not queue.exclusive
+        ):
+            # Cluster: logged first; `log_message` enqueues it once the entry commits.
+            self.to_log.append((queue, message))
+            return True
+        if message.rid:
+            if message.expires_ms is not None and not queue.expiring:
+                queue.expiring = True
+                self.expiring[queue] = None
+        elif message_ttl is not None or queue.ttl is not None:
             message.expires_ms = self._expiry(queue.ttl, message_ttl)
             if not queue.expiring:
                 queue.expiring = True
@@ -941,6 +973,8 @@ class Broker:
         self.expire_budget = budget - len(gone) * cost
         for message in gone:
             self.total_bytes -= len(message.body)
+            if message.rid:
+                self._forget(queue, message)
         if queue.dead_letters:
             self._dead_letter(queue, gone, "expired", effects)
         return len(gone) < limit
@@ -980,6 +1014,8 @@ class Broker:
             return
         for message in dropped:
             self.total_bytes -= len(message.body)
+            if message.rid:
+                self._forget(queue, message)
         if queue.dead_letters:
             self._dead_letter(queue, dropped, "maxlen", effects)
 
@@ -1231,6 +1267,8 @@ class Broker:
         message.delivery_count += 1
         if no_ack:
             self.total_bytes -= len(message.body)
+            if message.rid:
+                self._forget(queue, message)
         else:
             queue.take(message)
             channel.unacked[tag] = (queue, message, None)
@@ -1292,6 +1330,8 @@ class Broker:
             queue.unacked_count -= 1
             queue.unacked_bytes -= size
             self.total_bytes -= size
+            if message.rid:
+                self._forget(queue, message)
         if consumer is not None:
             consumer.unacked -= 1
             channel.consumer_unacked -= 1
@@ -1362,6 +1402,8 @@ class Broker:
             else:
                 queue.settle(message)
                 self.total_bytes -= len(message.body)
+                if message.rid:
+                    self._forget(queue, message)
                 if dead_letter and queue.dead_letters:
                     self._dead_letter(queue, [message], "rejected", effects)
         if credit:
@@ -1379,10 +1421,14 @@ class Broker:
         if limit is not None and message.delivery_count > limit:
             queue.settle(message)
             self.total_bytes -= len(message.body)
+            if message.rid:
+                self._forget(queue, message)
             if queue.dead_letters:
                 self._dead_letter(queue, [message], "delivery_limit", effects)
             return
         queue.give_back(message)
+        if message.rid and message.rid in queue.live:
+            self.settled.setdefault(queue, ([], []))[1].append(message.rid)
 
     def _stamped(self, message: Message) -> Message:
         """The copy of `message` to deliver from a queue that counts deliveries: its
@@ -1447,6 +1493,8 @@ class Broker:
             message.delivery_count += 1
             if chosen.no_ack:
                 self.total_bytes -= len(message.body)
+                if message.rid:
+                    self._forget(queue, message)
             else:
                 queue.unacked_count += 1
                 queue.unacked_bytes += len(message.body)
@@ -1498,6 +1546,8 @@ class Broker:
         queue.remote = leader != self.node_name
         if not queue.remote:
             queue.last_used_ms = self.now_ms  # x-expires counts from its arrival here
+            if not was_local and queue.log and self.active:
+                self.activate(queue, effects)
         if queue.remote and was_local:
             for consumer in list(queue.consumers):
                 consumer.active = False
@@ -1506,13 +1556,19 @@ class Broker:
                 queue.remove_consumer(consumer)
             # Delivered-but-unacked messages go first (they are the oldest), marked
             # redelivered, then the ready ones in order.
+            # Logged messages are not forwarded: the new leader has them in its log.
             for message in unacked:
+                if message.rid:
+                    continue
                 message.redelivered = True
                 message.expires_ms = None  # the new leader's TTL counts afresh
                 effects.append(Forward(leader, vhost, name, message))
             for message in queue.messages():
+                if message.rid:
+                    continue
                 message.expires_ms = None
                 effects.append(Forward(leader, vhost, name, message))
+            queue.live.clear()
             self.total_bytes -= queue.ready_bytes
             queue.purge()
             queue.unacked_count = queue.unacked_bytes = 0
@@ -1539,6 +1595,97 @@ class Broker:
                 channel.unacked[tag] = (void, message, None)
         held_here.sort(key=lambda m: m.id)
         return held_here
+
+    # ---- cluster: durable messages (the replicated log of each durable queue) ----------
+
+    def _forget(self, queue: Queue, message: Message) -> None:
+        """A logged message left the queue for good here (ack, reject, expiry, drop,
+        purge, no-ack delivery): its log entry goes once that is replicated."""
+        if queue.live.pop(message.rid, None) is not None:
+            self.settled.setdefault(queue, ([], []))[0].append(message.rid)
+
+    def log_message(self, vhost: str, name: str, stored: Message, effects: list[Effect]) -> bool:
+        """A persistent message committed to `name`'s log (`stored.rid` numbers it). Every
+        node keeps the stored copy; the queue's leader, once active, also enqueues a live
+        copy. False when the queue refused it (reject-publish at its limit: the stored copy
+        goes again, through the leader's settle)."""
+        queue = self.find_queue(vhost, name)
+        if queue is None or not queue.durable:
+            return True  # deleted meanwhile: dropped, as a publish racing a delete
+        ttl: int | None = None
+        if stored.props.expiration is not None:
+            ttl, _ = arguments_.parse_expiration(stored.props.expiration)
+        if queue.ttl is not None:
+            ttl = queue.ttl if ttl is None else min(ttl, queue.ttl)
+        if ttl is not None:
+            stored.expires_ms = stored.published_ms + ttl
+        queue.log[stored.rid] = stored
+        if queue.remote or not self.active:
+            return True
+        live = self._live_copy(queue, stored)
+        if self._accept(queue, live, None, effects):
+            return True
+        self._forget(queue, live)
+        return False
+
+    def _live_copy(self, queue: Queue, stored: Message) -> Message:
+        live = dataclasses.replace(stored, id=self.next_message_id)
+        self.next_message_id += 1
+        queue.live[stored.rid] = live
+        return live
+
+    def settle_log(
+        self,
+        vhost: str,
+        name: str,
+        gone: Sequence[int],
+        returned: Sequence[int],
+        effects: list[Effect],
+    ) -> None:
+        """The leader's settles of logged messages, replicated: returned ones count a
+        delivery (x-delivery-count survives a failover), gone ones leave the log. A gone
+        one this node still holds live (settled by the queue's previous leader after the
+        queue moved here) leaves the ready messages too."""
+        queue = self.find_queue(vhost, name)
+        if queue is None:
+            return
+        log = queue.log
+        for rid in returned:
+            stored = log.get(rid)
+            if stored is not None:
+                stored.delivery_count += 1
+                stored.redelivered = True
+        for rid in gone:
+            if log.pop(rid, None) is None:
+                continue
+            live = queue.live.pop(rid, None) if queue.live else None
+            if live is not None and queue.remove_ready(live):
+                self.total_bytes -= len(live.body)
+
+    def activate(self, queue: Queue, effects: list[Effect]) -> None:
+        """This node leads `queue` now (failover, a move, a restart): live copies of its
+        logged messages join its ready ones, in log order, marked redelivered (the old
+        leader may have delivered any of them: the new one cannot know which)."""
+        for rid, stored in queue.log.items():
+            if rid in queue.live:
+                continue
+            live = self._live_copy(queue, stored)
+            live.redelivered = True
+            queue.push(live)
+            self.total_bytes += len(live.body)
+            if live.expires_ms is not None and not queue.expiring:
+                queue.expiring = True
+                self.expiring[queue] = None
+        if queue.consumers:
+            self._dispatch(queue, effects)
+
+    def activate_all(self, effects: list[Effect]) -> None:
+        """The node has caught up with the log: it holds live copies of what it leads."""
+        self.active = True
+        for vh in self.vhosts.values():
+            for queue in vh.queues.values():
+                if not queue.remote and queue.log:
+                    self.activate(queue, effects)
 
     def check_delete(
         self, vhost: str, name: str, owner: ConnId, *, if_unused: bool, if_empty: bool

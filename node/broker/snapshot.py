@@ -84,11 +84,11 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def encode_message(m: Message, redelivered: bool) -> list[Any]:
+def encode_message(m: Message, redelivered: bool, mid: int | None = None) -> list[Any]:
     p = m.props
     props = [p.delivery_mode, p.priority, p.expiration, encode_table(p.headers)]
     return [
-        m.id,
+        m.id if mid is None else mid,
         m.exchange,
         m.routing_key,
         _b64(m.properties),
@@ -176,7 +176,9 @@ def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
                 encode_table(q.arguments),
                 q.had_consumers if messages else False,
                 q.last_used_ms if messages else 0,
-                _queue_messages(broker, q, unacked.get(q, [])) if messages else [],
+                _queue_messages(broker, q, unacked.get(q, []))
+                if messages
+                else [encode_message(m, m.redelivered, m.rid) for m in q.log.values()],
             ]
             for q in vh.queues.values()
         ]
@@ -205,18 +207,28 @@ def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
         "now_ms": broker.now_ms if messages else 0,
         "vhosts": vhosts,
     }
+    if not messages and broker.next_rid > 1:
+        document["next_rid"] = broker.next_rid
     if broker.declarations:
         document["declarations"] = broker.declarations
     return document
 
 
-def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None = None) -> Broker:
+def load(
+    document: Mapping[str, Any],
+    types: Mapping[str, ExchangeType] | None = None,
+    *,
+    logs: bool = False,
+) -> Broker:
+    """The broker a document describes. `logs`: a topology document (dump with
+    messages=False), whose queues' messages are their replicated logs, keyed by rid."""
     if not isinstance(document, Mapping) or document.get("version") != VERSION:
         raise SnapshotError(f"unsupported snapshot version {document.get('version')!r}")
     broker = Broker(vhosts=(), types=types)
     broker.next_message_id = int(document["next_message_id"])
     broker.now_ms = int(document["now_ms"])
     broker.declarations = int(document.get("declarations", 0))
+    broker.next_rid = int(document.get("next_rid", 1))
     for vdoc in document["vhosts"]:
         vh = broker.add_vhost(vdoc["name"])
         for name, type_name, durable, auto_delete, internal, arguments in vdoc["exchanges"]:
@@ -248,6 +260,11 @@ def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None =
             queue.touched = int(vdoc.get("touched", {}).get(name, 0))
             for data in messages:
                 message = decode_message(data)
+                if logs:
+                    message.rid = message.id
+                    message.id = 0
+                    queue.log[message.rid] = message
+                    continue
                 queue.push(message)
                 broker.total_bytes += len(message.body)
                 if message.expires_ms is not None:

@@ -51,6 +51,9 @@ class Message:
     delivery_count: int = 0
     # When it expires in its queue (x-message-ttl / the expiration property), or None.
     expires_ms: int | None = None
+    # Cluster: its id in its queue's replicated log (a persistent message in a durable
+    # queue, numbered in log order, the same on every node); 0 = not replicated.
+    rid: int = 0
 
     @property
     def size(self) -> int:
@@ -170,6 +173,9 @@ class Routed:
     # Cluster: the target queues led by other nodes (not enqueued here; the channel
     # forwards the message to their leaders and confirms once they have taken it).
     remote: tuple[Any, ...] = ()
+    # Cluster: a local target queue keeps it in its replicated log: it is enqueued once
+    # the log entry is committed, and the confirm waits for that.
+    durable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

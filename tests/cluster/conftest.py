@@ -8,11 +8,13 @@ is bounded. When a test fails, the tail of each node's log is attached to its re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.cluster.netns import Netns, free_base
 from tests.cluster.support import Cluster, ClusterFactory, running_cluster
 
 
@@ -21,6 +23,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A 3-node cluster shared by one module's tests: use unique names, stop no node."""
     with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    """Three network namespaces for one cluster (tests/cluster/netns.py)."""
+    env = Netns(tag=str(os.getpid() % 100000), base=free_base())
+    try:
+        env.setup()  # raises (the test errors) without the privileges for `ip netns`
+        yield env
+    finally:
+        env.teardown()
 
 
 @pytest.fixture

@@ -108,6 +108,8 @@ BY_ANNOTATION: dict[str, st.SearchStrategy[Any]] = {
 BY_NAME: dict[str, st.SearchStrategy[Any]] = {
     "delivery_tag": U64,
     "delivery_tags": st.lists(U64, max_size=8).map(tuple),
+    "gone": st.lists(U64, max_size=8).map(tuple),
+    "returned": st.lists(U64, max_size=8).map(tuple),
 }
 IDS = st.none() | st.binary(max_size=codec.MAX_ID_LENGTH)
 

@@ -1,0 +1,167 @@
+"""Durable queues through Raft: a confirmed persistent message is never lost.
+
+Each test streams confirmed persistent messages through a real three-node cluster while
+it kills (SIGKILL) or restarts nodes, then counts (tests/cluster/traffic.py): lost == 0,
+and every extra copy of a message flagged redelivered.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.cluster.netns import Netns
+from tests.cluster.support import Cluster, ClusterFactory, bounded, unique, wait_until
+from tests.cluster.traffic import Stream, run_stream
+
+# Consumers receive again within this long after the kill of their queue's leader
+# (the issue's target is 2 s; the test allows some slack for a loaded CI machine).
+REDELIVERY_LIMIT_S = 4.0
+
+
+def _declare(c: Cluster, i: int, queue: str, **arguments: object) -> None:
+    ch = c.channel(i)
+    ch.queue_declare(queue, durable=True, arguments=arguments or None)
+
+
+def _check(result: object) -> None:
+    print(result.summary())  # type: ignore[attr-defined]
+    assert result.lost == [], f"confirmed messages lost: {result.lost[:20]}"  # type: ignore[attr-defined]
+    assert result.unflagged == [], f"duplicates without redelivered: {result.unflagged[:20]}"  # type: ignore[attr-defined]
+
+
+def test_persistent_messages_are_on_every_node_and_survive_their_leader(
+    own_cluster: Cluster,
+) -> None:
+    c = own_cluster
+    c.wait_monitor_grace()
+    queue = unique("dur-basic")
+    _declare(c, 2, queue)  # led by node 2 (client-local)
+    ch = c.channel(0, confirm=True)
+    import pika
+
+    for n in range(50):
+        ch.basic_publish("", queue, f"m{n}".encode(), pika.BasicProperties(delivery_mode=2))
+    c[2].kill()
+    killed = time.monotonic()
+
+    def back() -> list[tuple[bytes, bool]]:
+        conn = c[1].connect()
+        try:
+            ch = conn.channel()
+            got = []
+            while True:
+                method, _props, body = ch.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return got
+                got.append((body, method.redelivered))
+        finally:
+            conn.close()
+
+    got = wait_until(lambda: bounded(back, 5, "basic.get"), 10, f"{queue} to serve again")
+    print(f"served again {time.monotonic() - killed:.2f}s after the kill")
+    assert [b for b, _ in got] == [f"m{n}".encode() for n in range(50)]
+    assert all(redelivered for _, redelivered in got)  # the new leader cannot know
+
+
+@pytest.mark.parametrize("victim", ["queue-leader", "raft-leader"])
+def test_kill_mid_stream_loses_no_confirmed_message(own_cluster: Cluster, victim: str) -> None:
+    c = own_cluster
+    c.wait_monitor_grace()
+    raft_leader = c.raft_leader()
+    others = [i for i in range(3) if i != raft_leader]
+    if victim == "queue-leader":
+        leader = others[0]  # a queue leader that is not the Raft leader
+        publisher, consumer = raft_leader, others[1]
+    else:
+        leader = raft_leader  # the Raft leader leads the queue too
+        publisher, consumer = others
+    queue = unique(f"dur-{victim}")
+    _declare(c, leader, queue)
+    assert c.queue_leader(publisher, queue) == c[leader].name
+    killed: list[float] = []
+
+    def kill() -> None:
+        c[leader].kill()
+        killed.append(time.monotonic())
+
+    stream = Stream(c, queue, [publisher, consumer], [consumer, publisher]).start()
+    try:
+        stream.wait_confirmed(300, 60)
+        seen_before = len(stream.first_seen)
+        kill()
+        # consumers receive again: a message first seen after the kill
+        wait_until(
+            lambda: len(stream.first_seen) > seen_before + 5, 20, "deliveries after the kill"
+        )
+        back_after = time.monotonic() - killed[0]
+        stream.wait_confirmed(600, 60)
+        stream.stop_publishing()
+        stream.drain()
+    finally:
+        stream._stop_publishing.set()
+        stream._stop_consuming.set()
+    result = stream.result()
+    print(f"[{victim}] deliveries again {back_after:.2f}s after the kill")
+    _check(result)
+    assert result.confirmed >= 600
+    assert back_after < REDELIVERY_LIMIT_S + 5  # (generous: the kill may catch a reconnect)
+
+
+def test_kill_every_node_then_restart_keeps_every_confirmed_message(own_cluster: Cluster) -> None:
+    c = own_cluster
+    queue = unique("dur-restart")
+    _declare(c, 1, queue, **{"x-max-priority": 3})
+    stream = Stream(c, queue, [0, 2], [1], consume=False, count=800).start()
+    stream.wait_confirmed(800, 90)
+    stream.stop_publishing()
+    # consume (and ack) the first 200 before the crash
+    ch = c.channel(1)
+    acked = []
+    for _ in range(200):
+        method, _props, body = ch.basic_get(queue)
+        assert method is not None
+        ch.basic_ack(method.delivery_tag)
+        acked.append(int(body.decode().split(":")[0]))
+    time.sleep(0.5)  # the acks' settles replicate (else: redelivered duplicates, allowed)
+    for node in c.nodes:
+        node.kill()
+    for node in c.nodes:
+        node.start()
+    c.wait_healthy()
+    after = Stream(c, queue, [0], [2], consume=True)
+    after.confirmed = [i for i in stream.confirmed if i not in set(acked)]
+    after.start()
+    after._stop_publishing.set()
+    after.drain(timeout=60)
+    result = after.result()
+    print(result.summary())
+    missing = sorted(set(stream.confirmed) - set(acked) - set(after._received_ids()))
+    assert missing == [], f"confirmed, unacked messages lost over the restart: {missing[:20]}"
+    # in publish order (redelivered ones of the acked first 200 aside)
+    order = [i for i in after.first_seen if i not in acked]
+    assert order == sorted(order)
+    assert result.unflagged == []
+
+
+@pytest.mark.timeout(180)
+def test_partitioned_leader_loses_no_confirmed_message(
+    netns: Netns, start_cluster: ClusterFactory
+) -> None:
+    c = start_cluster(**netns.cluster_options())
+    c.wait_monitor_grace()
+    queue = unique("dur-partition")
+    _declare(c, 2, queue)  # led by the node the test cuts off
+
+    result = run_stream(
+        c,
+        queue,
+        publish_on=[0, 1],
+        consume_on=[1, 0],
+        before=200,
+        fault=lambda: netns.isolate(2),
+        after=300,
+    )
+    netns.heal()
+    _check(result)
