@@ -121,6 +121,7 @@ class ClusterConfig:
     amqp_address: str = ""
     management_address: str = ""
     queue_leader_locator: str = "client-local"
+    durability: str = "fsync"  # or "os-cache" (cluster/journal.py)
 
     @property
     def raft_address(self) -> str:
@@ -230,6 +231,7 @@ class ClusterNode:
                 password=cfg.secret,
                 bind_host=cfg.raft_host,
                 max_entry_bytes=MAX_ENTRY_BYTES,
+                durability=cfg.durability,
             )
             # Until it has caught up, the node only stores what the log holds.
             self.shell.state.begin_catch_up()

@@ -23,6 +23,26 @@ Rules of this module:
   previous state (it is also called when a follower installs the leader's snapshot).
 - Always a password (peers that do not know it are disconnected at the handshake), an
   explicit bind address, journal AND full dump file, `useFork=False`.
+- The Raft log is OUR journal (`cluster/journal.py`, fsync per entry by default), never
+  pysyncobj's FileJournal (an mmap that is never flushed). pysyncobj opens its journal in
+  `SyncObj.__init__` by calling the name `createJournal` of the `pysyncobj.syncobj`
+  module; at import we replace that name, once, with `_create_journal` (refusing to
+  import if it is not pysyncobj's original, i.e. pysyncobj changed). `RaftNode` opens
+  the `DurableJournal` itself, before pysyncobj starts anything (so a bad or old-format
+  journal fails the constructor cleanly), and hands it over for the duration of
+  `SyncObj.__init__` only, through a context variable: `SyncObj.__init__` runs on the
+  constructing thread, so nothing global outlives the call and two nodes in one process
+  never see each other's journal. After `__init__` we check the journal was taken (else
+  pysyncobj no longer calls `createJournal` and we refuse to run on its own journal).
+  A journal path nobody handed over gets a `DurableJournal` in "fsync" mode.
+- A journal written by pysyncobj itself (an older Warren) is refused with an error that
+  says to start from an empty data dir: there is no migration (pre-release).
+- Full dumps are durable: `_write_dump` fsyncs the temp file pysyncobj gives it, and
+  pysyncobj renames it over the dump after we return; the tick hook then fsyncs the data
+  dir. A dump installed from the leader is written by pysyncobj without fsync: `_read_dump`
+  fsyncs it (and the directory) before restoring, i.e. before pysyncobj clears the
+  journal. The journal itself also fsyncs its directory before dropping entries that a
+  dump covers, so a dump's rename is on disk before the entries it replaces are gone.
 - The `RaftNode` must be created on a thread that outlives it (normally the main
   thread): pysyncobj's tick thread stops when its creating thread exits.
 
@@ -38,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import heapq
 import itertools
 import json
@@ -53,9 +74,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import pysyncobj.journal
+import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.encryptor import HAS_CRYPTO
 from pysyncobj.node import TCPNode
+
+from cluster.journal import DURABILITIES, DurableJournal, fsync_dir
 
 __all__ = [
     "ApplyFailed",
@@ -83,6 +108,8 @@ _RETRY_DELAY_S: Final = 0.02
 # pysyncobj wraps an entry in a type byte and a pickled (method id, args) tuple.
 _ENTRY_OVERHEAD: Final = 4096
 _ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
+# What pysyncobj's own FileJournal writes first (an older Warren's data dir).
+_PYSYNCOBJ_JOURNAL_MAGIC: Final = b"PYSYNCOBJ"
 
 
 # --------------------------------------------------------------------------- errors
@@ -164,6 +191,11 @@ class RaftConfig:
     # chunk is computed from the wrong length: followers fail to unpickle it, measured
     # with 70 KB entries). We size the batch above this limit so that path is never taken.
     max_entry_bytes: int = 1 << 20
+    # "fsync": an entry counts (leader) or is acknowledged (follower) only once fsynced,
+    # so a commit survives a power loss of every member (one fdatasync per entry, and an
+    # entry is a batch). "os-cache": written to the page cache only (pysyncobj's own
+    # guarantee: survives kill -9, not a power loss). Term and vote are synced in both.
+    durability: str = "fsync"
 
     def __post_init__(self) -> None:
         if self.self_address in self.peers:
@@ -184,6 +216,8 @@ class RaftConfig:
             raise ValueError("max_entry_bytes must be positive")
         if self.log_compaction_min_entries < 2:
             raise ValueError("log_compaction_min_entries must be >= 2")
+        if self.durability not in DURABILITIES:
+            raise ValueError(f"durability must be one of {DURABILITIES}, not {self.durability!r}")
 
     @property
     def journal_file(self) -> Path:
@@ -238,6 +272,66 @@ class RaftStatus:
 # --------------------------------------------------------------------------- pysyncobj glue
 
 
+@dataclass(slots=True)
+class _JournalHandoff:
+    journal: DurableJournal
+    taken: bool = False
+
+
+# The journal `_Replica.__init__` hands to `_create_journal` while SyncObj.__init__ runs.
+_journal_handoff: contextvars.ContextVar[_JournalHandoff | None] = contextvars.ContextVar(
+    "warren_raft_journal_handoff", default=None
+)
+_pysyncobj_create_journal: Final = pysyncobj.journal.createJournal
+
+
+def _create_journal(journal_file: str | None = None) -> Any:
+    """Stands in for `pysyncobj.syncobj.createJournal` (installed below)."""
+    handoff = _journal_handoff.get()
+    if (
+        handoff is not None
+        and not handoff.taken
+        and journal_file is not None
+        and Path(journal_file) == handoff.journal.path
+    ):
+        handoff.taken = True
+        return handoff.journal
+    if journal_file is None:
+        return _pysyncobj_create_journal(None)  # pysyncobj's in-memory journal
+    return _open_journal(Path(journal_file), "fsync")
+
+
+def _install_journal_factory() -> None:
+    current = getattr(pysyncobj.syncobj, "createJournal", None)
+    if getattr(current, "__module__", None) == __name__:
+        return  # already ours (this module was reloaded)
+    if current is not _pysyncobj_create_journal:
+        raise ImportError(
+            "pysyncobj.syncobj.createJournal is not pysyncobj's journal factory: this "
+            "pysyncobj version is not supported (Warren replaces its journal)"
+        )
+    pysyncobj.syncobj.createJournal = _create_journal
+
+
+_install_journal_factory()
+
+
+def _open_journal(path: Path, durability: str) -> DurableJournal:
+    """Our journal at `path`, refusing one that pysyncobj's own FileJournal wrote."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_PYSYNCOBJ_JOURNAL_MAGIC))
+    except FileNotFoundError:
+        head = b""
+    if head == _PYSYNCOBJ_JOURNAL_MAGIC:
+        raise ValueError(
+            f"{path} is a journal in pysyncobj's own format (written by an older Warren); "
+            "this version keeps the Raft log in its own fsynced format and does not "
+            f"migrate it: start this node with an empty data dir instead of {path.parent}"
+        )
+    return DurableJournal(path, durability)
+
+
 @dataclass(frozen=True, slots=True)
 class _ApplyError:
     """What the replicated body returns when apply raised (never leaves this module)."""
@@ -249,11 +343,27 @@ class _Replica(SyncObj):  # type: ignore[misc]
     """The pysyncobj object: one replicated method, nothing else of ours in its state."""
 
     def __init__(
-        self, owner: RaftNode, self_addr: str, peers: list[str], conf: SyncObjConf
+        self,
+        owner: RaftNode,
+        self_addr: str,
+        peers: list[str],
+        conf: SyncObjConf,
+        journal: DurableJournal,
     ) -> None:
         # Set before SyncObj.__init__: its tick thread may call into us at once.
         self._warren_owner = owner
-        super().__init__(self_addr, peers, conf)
+        handoff = _JournalHandoff(journal)
+        token = _journal_handoff.set(handoff)
+        try:
+            super().__init__(self_addr, peers, conf)
+        finally:
+            _journal_handoff.reset(token)
+        if not handoff.taken:
+            self.destroy()
+            raise RuntimeError(
+                "pysyncobj did not open its journal through createJournal: the durable "
+                "journal is not in use (unsupported pysyncobj version)"
+            )
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, entry: bytes) -> bytes | _ApplyError:
@@ -303,6 +413,8 @@ class RaftNode:
         self._ids = itertools.count(1)
         self._closed = False
         self._ready = threading.Event()
+        # Set by _write_dump (tick thread); the next tick fsyncs the data dir (see doc).
+        self._dump_written = False
 
         config.data_dir.mkdir(parents=True, exist_ok=True)
         password = config.password or load_or_create_secret(config.data_dir)
@@ -340,7 +452,15 @@ class RaftNode:
             dynamicMembershipChange=True,
             onReady=self._ready.set,
         )
-        self._replica = _Replica(self, self_addr, [_addr(p) for p in config.peers], conf)
+        # Opened here, before pysyncobj binds or starts anything: a bad journal fails cleanly.
+        self._journal = _open_journal(config.journal_file, config.durability)
+        try:
+            self._replica = _Replica(
+                self, self_addr, [_addr(p) for p in config.peers], conf, self._journal
+            )
+        except BaseException:
+            self._journal.close()
+            raise
         self._replica.addOnTickCallback(self._on_tick)
 
     # ----------------------------------------------------------------- public API
@@ -439,6 +559,10 @@ class RaftNode:
             time.sleep(0.005)
         if self._replica.tick_thread_alive():
             logger.warning("raft tick thread still alive %.1fs after close", timeout)
+        else:
+            # pysyncobj closes it on the way out, except when its thread never got going
+            # (bind failure): close it here too (idempotent), never under a live thread.
+            self._journal.close()
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
@@ -504,6 +628,11 @@ class RaftNode:
 
     def _on_tick(self) -> None:
         # Runs on the tick thread at every tick: cheap when nothing is due.
+        if self._dump_written:
+            # pysyncobj renamed the dump we wrote into place after _write_dump returned
+            # (its compaction runs just before the tick callbacks): make the rename durable.
+            self._dump_written = False
+            fsync_dir(self._config.data_dir)
         now = time.monotonic()
         expired: list[_Pending] = []
         due: list[tuple[int, _Pending]] = []
@@ -573,6 +702,7 @@ class RaftNode:
                 f.write(body)
                 f.flush()
                 os.fsync(f.fileno())
+            self._dump_written = True
         except Exception:
             logger.exception("raft snapshot failed; the journal is kept")
             raise
@@ -580,7 +710,11 @@ class RaftNode:
     def _read_dump(self, filename: str) -> tuple[Any, Any, set[Any]]:
         """Restore our state from a dump and give pysyncobj back its raft metadata."""
         with open(filename, "rb") as f:
+            # A dump installed from the leader was written and renamed without fsync, and
+            # pysyncobj clears the journal right after this returns: make it durable first.
+            os.fsync(f.fileno())
             data = f.read()
+        fsync_dir(Path(filename).parent)
         if data[: len(_DUMP_MAGIC)] != _DUMP_MAGIC:
             raise ValueError(f"{filename}: not a Warren raft dump")
         (hlen,) = struct.unpack_from(">I", data, len(_DUMP_MAGIC))

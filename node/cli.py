@@ -218,6 +218,16 @@ def main() -> None:
     help="Where new queues are led (x-queue-leader-locator overrides it per queue).",
 )
 @click.option(
+    "--durability",
+    envvar="WARREN_DURABILITY",
+    type=click.Choice(["fsync", "os-cache"]),
+    default="fsync",
+    show_default=True,
+    help="When a persistent message's confirm is sent (cluster): fsync = once its log entry "
+    "is fsynced on a majority; os-cache = once it is in the page cache of a majority "
+    "(survives the kill of every node, not a power loss of a majority).",
+)
+@click.option(
     "--management-host", envvar="WARREN_MANAGEMENT_HOST", default=None,
     help="Address of the management HTTP API (default: --host).",
 )  # fmt: skip
@@ -257,6 +267,7 @@ def node(
     cluster_secret: str | None,
     cluster_name: str,
     queue_leader_locator: str,
+    durability: str,
     management_host: str | None,
     management_port: int,
     metrics_port: int,
@@ -315,6 +326,7 @@ def node(
             amqp_address=f"{advertise}:{port}",
             management_address=f"{advertise}:{management_port}" if management_port else "",
             queue_leader_locator=queue_leader_locator,
+            durability=durability,
         )
     for what, port_ in (("management", management_port), ("metrics", metrics_port)):
         problem = _port_problem(config.management_host, port_) if port_ else None
