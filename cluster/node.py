@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -122,6 +122,7 @@ class ClusterConfig:
     management_address: str = ""
     queue_leader_locator: str = "client-local"
     durability: str = "fsync"  # or "os-cache" (cluster/journal.py)
+    compaction_entries: int = 5000  # Raft log entries before a snapshot
 
     @property
     def raft_address(self) -> str:
@@ -232,6 +233,7 @@ class ClusterNode:
                 bind_host=cfg.raft_host,
                 max_entry_bytes=MAX_ENTRY_BYTES,
                 durability=cfg.durability,
+                log_compaction_min_entries=cfg.compaction_entries,
             )
             # Until it has caught up, the node only stores what the log holds.
             self.shell.state.begin_catch_up()
@@ -368,12 +370,14 @@ class ClusterNode:
         if name != self.name and link:
             self._link.set_peer(name, _address(link))
 
-    def _snapshot_on_tick(self) -> bytes:
-        box: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+    def _snapshot_on_tick(self) -> Callable[[BinaryIO], None]:
+        """A capture of the state (on the loop, after every entry handed over before
+        it); the Raft adapter writes it on a thread of its own."""
+        box: concurrent.futures.Future[Callable[[BinaryIO], None]] = concurrent.futures.Future()
 
         def take() -> None:
             try:
-                box.set_result(self.shell.state.topology_snapshot())
+                box.set_result(self.shell.state.snapshot_writer())
             except BaseException as exc:
                 box.set_exception(exc)
 
@@ -846,6 +850,15 @@ class ClusterNode:
             },
             "members": members,
             "queues": sum(counts.values()),
+            "durable": {
+                # messages in this node's copies of the durable queues' logs
+                "logged_messages": state.logged_messages(),
+                "entries_written": self.durable.entries,
+                "messages_written": self.durable.messages,
+                "entries_failed": self.durable.failures,
+                "last_snapshot_seconds": round(raft.last_dump_seconds, 3) if raft else 0.0,
+                "last_snapshot_bytes": raft.last_dump_bytes if raft else 0,
+            },
         }
 
     async def rebalance(self) -> dict[str, Any]:

@@ -19,8 +19,17 @@ Rules of this module:
   concurrently with each other. A slow one stalls Raft (heartbeats, elections).
 - No pickle of our state: snapshots are written by pysyncobj's `serializer` hook in our
   own format (see `_write_dump`): a header with the two raft entries pysyncobj needs and
-  the member list, then the bytes of `snapshot()`. `restore(bytes)` must discard all
-  previous state (it is also called when a follower installs the leader's snapshot).
+  the member list, then what `snapshot()` gives, then its length and CRC-32.
+  `restore(bytes)` must discard all previous state (it is also called when a follower
+  installs the leader's snapshot).
+- Snapshots never stall the tick thread for long: `snapshot()` may return a writer
+  (a function of a binary file) instead of bytes, i.e. a capture of the state; the
+  dump is then written by a thread of its own while Raft goes on. pysyncobj supports
+  that only for its fork mode, through its `serializeChecker` hook: `_write_dump`
+  starts the thread and raises `_DumpInBackground` (pysyncobj then skips its own rename
+  of the temp file, which we never wrote), the checker reports SERIALIZING until the
+  thread has written, fsynced and renamed the dump, then SUCCESS once (pysyncobj then
+  compacts the journal) or FAILED (the journal is kept).
 - Always a password (peers that do not know it are disconnected at the handshake), an
   explicit bind address, journal AND full dump file, `useFork=False`.
 - The Raft log is OUR journal (`cluster/journal.py`, fsync per entry by default), never
@@ -37,12 +46,12 @@ Rules of this module:
   A journal path nobody handed over gets a `DurableJournal` in "fsync" mode.
 - A journal written by pysyncobj itself (an older Warren) is refused with an error that
   says to start from an empty data dir: there is no migration (pre-release).
-- Full dumps are durable: `_write_dump` fsyncs the temp file pysyncobj gives it, and
-  pysyncobj renames it over the dump after we return; the tick hook then fsyncs the data
-  dir. A dump installed from the leader is written by pysyncobj without fsync: `_read_dump`
-  fsyncs it (and the directory) before restoring, i.e. before pysyncobj clears the
-  journal. The journal itself also fsyncs its directory before dropping entries that a
-  dump covers, so a dump's rename is on disk before the entries it replaces are gone.
+- Full dumps are durable: the dump thread fsyncs the file, renames it over the dump and
+  fsyncs the data dir before it reports SUCCESS. A dump installed from the leader is
+  written by pysyncobj without fsync: `_read_dump` fsyncs it (and the directory) before
+  restoring, i.e. before pysyncobj clears the journal. The journal itself also fsyncs
+  its directory before dropping entries that a dump covers, so a dump's rename is on
+  disk before the entries it replaces are gone.
 - The `RaftNode` must be created on a thread that outlives it (normally the main
   thread): pysyncobj's tick thread stops when its creating thread exits.
 
@@ -72,11 +81,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import pysyncobj.journal
 import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.encryptor import HAS_CRYPTO
 from pysyncobj.node import TCPNode
 
@@ -100,8 +110,9 @@ SECRET_FILE: Final = "raft.secret"
 JOURNAL_FILE: Final = "raft.journal"
 DUMP_FILE: Final = "raft.dump"
 # Our full-dump format: magic, u32 header length, JSON header, snapshot bytes.
-_DUMP_MAGIC: Final = b"WARRAFT\x01"
-_DUMP_VERSION: Final = 1
+_DUMP_MAGIC: Final = b"WARRAFT\x02"
+_DUMP_VERSION: Final = 2
+_DUMP_TRAILER: Final = struct.Struct(">QI")  # the snapshot's length and CRC-32
 # How long to wait before resubmitting an entry pysyncobj definitely did not log
 # (no leader during an election, old leader lost it): a few ticks.
 _RETRY_DELAY_S: Final = 0.02
@@ -396,7 +407,7 @@ class RaftNode:
         self,
         config: RaftConfig,
         apply: Callable[[bytes], bytes],
-        snapshot: Callable[[], bytes],
+        snapshot: Callable[[], bytes | Callable[[BinaryIO], None]],
         restore: Callable[[bytes], None],
     ) -> None:
         if not HAS_CRYPTO:
@@ -413,8 +424,12 @@ class RaftNode:
         self._ids = itertools.count(1)
         self._closed = False
         self._ready = threading.Event()
-        # Set by _write_dump (tick thread); the next tick fsyncs the data dir (see doc).
-        self._dump_written = False
+        # The background dump (see the module rules): SERIALIZING while its thread runs,
+        # then SUCCESS or FAILED until pysyncobj's checker call reads it.
+        self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._dump_thread: threading.Thread | None = None
+        self.last_dump_seconds = 0.0
+        self.last_dump_bytes = 0
 
         config.data_dir.mkdir(parents=True, exist_ok=True)
         password = config.password or load_or_create_secret(config.data_dir)
@@ -446,6 +461,7 @@ class RaftNode:
             fullDumpFile=str(config.dump_file),
             serializer=self._write_dump,
             deserializer=self._read_dump,
+            serializeChecker=self._check_dump,
             useFork=False,
             logCompactionMinEntries=config.log_compaction_min_entries,
             logCompactionMinTime=config.log_compaction_min_time,
@@ -628,11 +644,6 @@ class RaftNode:
 
     def _on_tick(self) -> None:
         # Runs on the tick thread at every tick: cheap when nothing is due.
-        if self._dump_written:
-            # pysyncobj renamed the dump we wrote into place after _write_dump returned
-            # (its compaction runs just before the tick callbacks): make the rename durable.
-            self._dump_written = False
-            fsync_dir(self._config.data_dir)
         now = time.monotonic()
         expired: list[_Pending] = []
         due: list[tuple[int, _Pending]] = []
@@ -684,28 +695,71 @@ class RaftNode:
     # --- full dump (pysyncobj `serializer` / `deserializer` hooks, tick thread) ----------
 
     def _write_dump(self, filename: str, raft_data: tuple[Any, Any, Any]) -> None:
-        """pysyncobj calls this with (last applied entry, entry before it, members)."""
+        """pysyncobj calls this with (last applied entry, entry before it, members); we
+        capture the state here and write it on a thread of our own (see the rules)."""
         try:
             last, prev, cluster = raft_data
-            body = self._snapshot()
+            captured = self._snapshot()
             header = {
                 "version": _DUMP_VERSION,
                 "last": _entry_to_json(last),
                 "prev": _entry_to_json(prev),
                 "members": sorted(str(n) for n in cluster),
-                "snapshot_len": len(body),
-                "snapshot_crc32": zlib.crc32(body),
             }
             head = json.dumps(header, separators=(",", ":")).encode()
-            with open(filename, "wb") as f:
-                f.write(_DUMP_MAGIC + struct.pack(">I", len(head)) + head)
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            self._dump_written = True
         except Exception:
             logger.exception("raft snapshot failed; the journal is kept")
             raise
+        writer: Callable[[BinaryIO], None]
+        if isinstance(captured, bytes):
+            body = captured
+
+            def writer(out: BinaryIO) -> None:
+                out.write(body)
+
+        else:
+            writer = captured
+        self._dump_state = SERIALIZER_STATE.SERIALIZING
+        self._dump_thread = threading.Thread(
+            target=self._dump_in_background,
+            args=(Path(self._config.dump_file), head, writer),
+            name="warren-raft-dump",
+            daemon=True,
+        )
+        self._dump_thread.start()
+        raise _DumpInBackground
+
+    def _dump_in_background(
+        self, target: Path, head: bytes, writer: Callable[[BinaryIO], None]
+    ) -> None:
+        started = time.monotonic()
+        temp = target.with_name(target.name + ".writing")
+        try:
+            with open(temp, "wb") as f:
+                f.write(_DUMP_MAGIC + struct.pack(">I", len(head)) + head)
+                sink = _Sink(f)
+                writer(sink)  # type: ignore[arg-type]
+                f.write(_DUMP_TRAILER.pack(sink.size, sink.crc))
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(temp, target)
+            fsync_dir(target.parent)
+        except Exception:
+            logger.exception("raft snapshot failed; the journal is kept")
+            self._dump_state = SERIALIZER_STATE.FAILED
+            return
+        self.last_dump_seconds = time.monotonic() - started
+        self.last_dump_bytes = size
+        logger.info("raft snapshot written: %d bytes in %.2fs", size, self.last_dump_seconds)
+        self._dump_state = SERIALIZER_STATE.SUCCESS
+
+    def _check_dump(self) -> int:
+        """pysyncobj's serializeChecker: how the background dump is doing."""
+        state: int = self._dump_state
+        if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+            self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+        return state
 
     def _read_dump(self, filename: str) -> tuple[Any, Any, set[Any]]:
         """Restore our state from a dump and give pysyncobj back its raft metadata."""
@@ -722,12 +776,36 @@ class RaftNode:
         header = json.loads(data[start : start + hlen])
         if header.get("version") != _DUMP_VERSION:
             raise ValueError(f"{filename}: unknown dump version {header.get('version')!r}")
-        body = data[start + hlen :]
-        if len(body) != header["snapshot_len"] or zlib.crc32(body) != header["snapshot_crc32"]:
+        body = data[start + hlen : len(data) - _DUMP_TRAILER.size]
+        if len(data) - start - hlen < _DUMP_TRAILER.size:
+            raise ValueError(f"{filename}: snapshot is truncated")
+        size, crc = _DUMP_TRAILER.unpack_from(data, len(data) - _DUMP_TRAILER.size)
+        if len(body) != size or zlib.crc32(body) != crc:
             raise ValueError(f"{filename}: snapshot is truncated or corrupt")
         self._restore(body)
         members = {TCPNode(m) for m in header["members"]}
         return _entry_from_json(header["last"]), _entry_from_json(header["prev"]), members
+
+
+class _DumpInBackground(Exception):
+    """Raised from the serializer hook: the dump is being written by our thread."""
+
+
+class _Sink:
+    """A file that counts the bytes written to it and their CRC-32."""
+
+    __slots__ = ("crc", "f", "size")
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return len(data)
 
 
 def _entry_to_json(entry: Any) -> list[Any]:

@@ -26,14 +26,16 @@ This module imports only the broker model and the commands: no anyio, no pysynco
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
+from cluster import codec, placement
 from cluster import commands as c
-from cluster import placement
 from node.broker import snapshot as snapshots
 from node.broker import views
 from node.broker.deadletter import HeaderRewriter
@@ -48,7 +50,12 @@ REFUSED = Routed(1, rejected=True)  # ... refused by its queue (reject-publish)
 
 SNAPSHOT_FORMAT = "warren-state"
 TOPOLOGY_FORMAT = "warren-topology"
-TOPOLOGY_VERSION = 1
+TOPOLOGY_VERSION = 2
+# A topology snapshot: magic, u32 length, the JSON document, then the durable queues'
+# logs as binary records (cluster.codec.encode_stored), queue by queue.
+_TOPOLOGY_MAGIC = b"WTOPO\x02"
+_U32 = struct.Struct(">I")
+_WRITE_CHUNK = 4096  # records per write
 # Command ids remembered for de-duplication (a retried Raft submission applies once):
 # more than can be in flight, and part of the replicated state.
 DEDUP_WINDOW = 50_000
@@ -66,6 +73,28 @@ class MemberInfo:
     amqp: str = ""
     management: str = ""
     alive: bool = True
+
+
+def topology_document(data: bytes) -> dict[str, Any]:
+    """The JSON part of a topology snapshot (everything but the logs' records)."""
+    return _topology_document(data)[0]
+
+
+def _topology_document(data: bytes) -> tuple[dict[str, Any], int]:
+    magic = len(_TOPOLOGY_MAGIC)
+    if data[:magic] != _TOPOLOGY_MAGIC or len(data) < magic + 4:
+        raise snapshots.SnapshotError("not a warren topology snapshot (version 2)")
+    (size,) = _U32.unpack_from(data, magic)
+    start = magic + 4
+    try:
+        document = json.loads(data[start : start + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise snapshots.SnapshotError(f"not a topology snapshot: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != TOPOLOGY_FORMAT:
+        raise snapshots.SnapshotError("not a warren topology snapshot")
+    if document.get("version") != TOPOLOGY_VERSION:
+        raise snapshots.SnapshotError(f"unknown topology version {document.get('version')}")
+    return document, start + size
 
 
 class StateMachine:
@@ -251,6 +280,10 @@ class StateMachine:
         if settled:
             broker.settled = {}
         return to_log, settled
+
+    def logged_messages(self) -> int:
+        """Messages in this node's copies of the durable queues' logs."""
+        return sum(len(q.log) for vh in self._broker.vhosts.values() for q in vh.queues.values())
 
     def durable_pending(self) -> bool:
         broker = self._broker
@@ -570,7 +603,23 @@ class StateMachine:
 
     def topology_snapshot(self) -> bytes:
         """The replicated part of the state, for Raft snapshots: topology, queue leaders,
-        members and the de-duplication window; no messages, no connection state."""
+        members, the de-duplication window and the durable queues' logs; no live
+        messages, no connection state. The same on every replica of the same log."""
+        out = io.BytesIO()
+        self.snapshot_writer()(out)
+        return out.getvalue()
+
+    def snapshot_writer(self) -> Callable[[BinaryIO], None]:
+        """`topology_snapshot` in two steps: capture now (fast: the topology as JSON, and
+        the list of each log's stored messages, which replicated commands replace but
+        never change), then the returned function writes it, possibly on another thread
+        while this machine goes on (a million logged messages take seconds to encode)."""
+        logs = [
+            (vh.name, q.name, list(q.log.values()))
+            for vh in self._broker.vhosts.values()
+            for q in vh.queues.values()
+            if q.log
+        ]
         document = {
             "format": TOPOLOGY_FORMAT,
             "version": TOPOLOGY_VERSION,
@@ -580,8 +629,19 @@ class StateMachine:
                 for m in self.members.values()
             ],
             "applied_ids": [i.hex() for i in self._applied_ids],
+            "logs": [[vhost, name, len(messages)] for vhost, name, messages in logs],
         }
-        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        head = json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+        def write(out: BinaryIO) -> None:
+            out.write(_TOPOLOGY_MAGIC + _U32.pack(len(head)) + head)
+            encode = codec.encode_stored
+            for _, _, messages in logs:
+                for start in range(0, len(messages), _WRITE_CHUNK):
+                    chunk = messages[start : start + _WRITE_CHUNK]
+                    out.write(b"".join([encode(m) for m in chunk]))
+
+        return write
 
     @classmethod
     def restore_topology(
@@ -591,16 +651,9 @@ class StateMachine:
         exchange_types: Mapping[str, ExchangeType] | None = None,
         rewrite_headers: HeaderRewriter | None = None,
     ) -> StateMachine:
-        """A new machine for `node_name` holding what `topology_snapshot` wrote: every
-        queue empty, led by whom the snapshot says."""
-        try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise snapshots.SnapshotError(f"not a topology snapshot: {exc}") from exc
-        if not isinstance(document, dict) or document.get("format") != TOPOLOGY_FORMAT:
-            raise snapshots.SnapshotError("not a warren topology snapshot")
-        if document.get("version") != TOPOLOGY_VERSION:
-            raise snapshots.SnapshotError(f"unknown topology version {document.get('version')}")
+        """A new machine for `node_name` holding what `topology_snapshot` wrote: the
+        logs of durable queues, no live messages, queues led by whom the snapshot says."""
+        document, off = _topology_document(data)
         machine = cls.__new__(cls)
         machine.node_name = node_name
         machine.members = {
@@ -609,8 +662,21 @@ class StateMachine:
         machine._applied_ids = OrderedDict(
             (bytes.fromhex(i), None) for i in document["applied_ids"]
         )
-        broker = snapshots.load(document["broker"], exchange_types, logs=True)
+        broker = snapshots.load(document["broker"], exchange_types)
         broker.rewrite_headers = rewrite_headers
+        try:
+            for vhost, name, count in document.get("logs", []):
+                queue = broker.find_queue(vhost, name)
+                if queue is None:
+                    raise snapshots.SnapshotError(f"a log for unknown queue {name!r}")
+                log = queue.log
+                for _ in range(count):
+                    stored, off = codec.decode_stored(data, off)
+                    log[stored.rid] = stored
+        except codec.CodecError as exc:
+            raise snapshots.SnapshotError(f"bad log record: {exc}") from exc
+        if off != len(data):
+            raise snapshots.SnapshotError(f"{len(data) - off} bytes after the logs")
         for vh in broker.vhosts.values():
             for queue in vh.queues.values():
                 queue.remote = bool(queue.leader) and queue.leader != node_name

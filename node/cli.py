@@ -228,6 +228,15 @@ def main() -> None:
     "(survives the kill of every node, not a power loss of a majority).",
 )
 @click.option(
+    "--raft-compaction-entries",
+    envvar="WARREN_RAFT_COMPACTION_ENTRIES",
+    type=click.IntRange(100, None),
+    default=5000,
+    show_default=True,
+    help="Raft log entries after which a node snapshots its state and compacts its "
+    "journal (cluster; also every 5 minutes).",
+)
+@click.option(
     "--management-host", envvar="WARREN_MANAGEMENT_HOST", default=None,
     help="Address of the management HTTP API (default: --host).",
 )  # fmt: skip
@@ -268,6 +277,7 @@ def node(
     cluster_name: str,
     queue_leader_locator: str,
     durability: str,
+    raft_compaction_entries: int,
     management_host: str | None,
     management_port: int,
     metrics_port: int,
@@ -327,6 +337,7 @@ def node(
             management_address=f"{advertise}:{management_port}" if management_port else "",
             queue_leader_locator=queue_leader_locator,
             durability=durability,
+            compaction_entries=raft_compaction_entries,
         )
     for what, port_ in (("management", management_port), ("metrics", metrics_port)):
         problem = _port_problem(config.management_host, port_) if port_ else None
@@ -369,9 +380,11 @@ def _port_problem(host: str, port: int) -> str | None:
 
 from node.ctl import ctl_group  # noqa: E402
 from node.up import up_command  # noqa: E402
+from node.verify import verify_command  # noqa: E402
 
 main.add_command(up_command)
 main.add_command(ctl_group)
+main.add_command(verify_command)
 
 
 if __name__ == "__main__":

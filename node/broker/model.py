@@ -1652,9 +1652,10 @@ class Broker:
         log = queue.log
         for rid in returned:
             stored = log.get(rid)
-            if stored is not None:
-                stored.delivery_count += 1
-                stored.redelivered = True
+            if stored is not None:  # replaced, never changed: snapshots hold stored copies
+                log[rid] = dataclasses.replace(
+                    stored, delivery_count=stored.delivery_count + 1, redelivered=True
+                )
         for rid in gone:
             if log.pop(rid, None) is None:
                 continue

@@ -84,11 +84,11 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def encode_message(m: Message, redelivered: bool, mid: int | None = None) -> list[Any]:
+def encode_message(m: Message, redelivered: bool) -> list[Any]:
     p = m.props
     props = [p.delivery_mode, p.priority, p.expiration, encode_table(p.headers)]
     return [
-        m.id if mid is None else mid,
+        m.id,
         m.exchange,
         m.routing_key,
         _b64(m.properties),
@@ -176,9 +176,7 @@ def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
                 encode_table(q.arguments),
                 q.had_consumers if messages else False,
                 q.last_used_ms if messages else 0,
-                _queue_messages(broker, q, unacked.get(q, []))
-                if messages
-                else [encode_message(m, m.redelivered, m.rid) for m in q.log.values()],
+                _queue_messages(broker, q, unacked.get(q, [])) if messages else [],
             ]
             for q in vh.queues.values()
         ]
@@ -214,14 +212,7 @@ def dump(broker: Broker, *, messages: bool = True) -> dict[str, Any]:
     return document
 
 
-def load(
-    document: Mapping[str, Any],
-    types: Mapping[str, ExchangeType] | None = None,
-    *,
-    logs: bool = False,
-) -> Broker:
-    """The broker a document describes. `logs`: a topology document (dump with
-    messages=False), whose queues' messages are their replicated logs, keyed by rid."""
+def load(document: Mapping[str, Any], types: Mapping[str, ExchangeType] | None = None) -> Broker:
     if not isinstance(document, Mapping) or document.get("version") != VERSION:
         raise SnapshotError(f"unsupported snapshot version {document.get('version')!r}")
     broker = Broker(vhosts=(), types=types)
@@ -260,11 +251,6 @@ def load(
             queue.touched = int(vdoc.get("touched", {}).get(name, 0))
             for data in messages:
                 message = decode_message(data)
-                if logs:
-                    message.rid = message.id
-                    message.id = 0
-                    queue.log[message.rid] = message
-                    continue
                 queue.push(message)
                 broker.total_bytes += len(message.body)
                 if message.expires_ms is not None:

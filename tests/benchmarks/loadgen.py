@@ -173,6 +173,8 @@ class ClientProtocol(asyncio.Protocol):
         self._unblocked.set()
         self._confirm_waiter: asyncio.Future[None] | None = None
         self._confirm_target = 0
+        # Publisher confirm latency: (last tag of a written batch, its size, monotonic_ns)
+        self.sent_batches: deque[tuple[int, int, int]] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -250,6 +252,14 @@ class ClientProtocol(asyncio.Protocol):
                     if cm == _BASIC_NACK:
                         self.confirms.nacked += 1
                     self.confirms.settle(tag, bool(buf[p + 12] & 1))
+                    sent = self.sent_batches
+                    if sent:
+                        now_ns = time.monotonic_ns()
+                        upto = self.confirms.upto
+                        while sent and sent[0][0] <= upto:
+                            _, size, at = sent.popleft()
+                            if self.recording:
+                                self.latencies_ns.extend([now_ns - at] * size)
                     waiter = self._confirm_waiter
                     if waiter is not None and self.confirms.settled >= self._confirm_target:
                         self._confirm_waiter = None
@@ -601,6 +611,9 @@ class PublishSpec:
     rate: float = 0.0  # messages per second; 0 = as fast as the broker takes them
     confirm_window: int = 0  # 0 = no confirms
     batch: int = 64
+    # With confirms: each publish's confirm latency (send of its batch -> its confirm),
+    # for publishes confirmed inside the window, in WorkerResult.latencies_ns.
+    measure_confirms: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -743,10 +756,14 @@ class Producer:
         def open_window() -> None:
             win.start()
             mark("start")
+            if self.client is not None:
+                self.client.proto.recording = True
 
         def close_window() -> None:
             win.stop()
             mark("end")
+            if self.client is not None:
+                self.client.proto.recording = False
 
         loop = asyncio.get_running_loop()
         h0 = loop.call_at(t_start, open_window)
@@ -778,6 +795,7 @@ class Producer:
             confirmed=marks["end_confirmed"] - marks["start_confirmed"],
             errors=1 if note else 0,
             blocked=self.was_blocked,
+            latencies_ns=tuple(self.client.proto.latencies_ns),
             note=note,
         )
 
@@ -810,10 +828,15 @@ class Producer:
         payload = one * batch
         loop = asyncio.get_running_loop()
         write = self.client.write
+        sent = None
+        if s.measure_confirms and s.confirm_window:
+            sent = self.client.proto.sent_batches = deque()
         while loop.time() < t_end:
             await self._wait_turn(batch)
             write(payload)
             self.published += batch
+            if sent is not None:
+                sent.append((self.published, batch, time.monotonic_ns()))
             await asyncio.sleep(0)
 
     async def _publish_at_rate(self, t_end: float) -> None:
