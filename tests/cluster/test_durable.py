@@ -7,6 +7,7 @@ and every extra copy of a message flagged redelivered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pika
+import pika.exceptions
 import pytest
 
 from cluster.journal import SYNC_MARKS_ENV, simulate_power_loss
@@ -27,6 +30,7 @@ REDELIVERY_LIMIT_S = 4.0
 # About two minutes of publishing through `warren verify` while nodes die and come back
 # (~2,000 confirmed messages/s on CI's kind of machine).
 CHAOS_MESSAGES = 240_000
+PERSISTENT = pika.BasicProperties(delivery_mode=2)
 
 
 def _declare(c: Cluster, i: int, queue: str, **arguments: object) -> None:
@@ -48,10 +52,8 @@ def test_persistent_messages_are_on_every_node_and_survive_their_leader(
     queue = unique("dur-basic")
     _declare(c, 2, queue)  # led by node 2 (client-local)
     ch = c.channel(0, confirm=True)
-    import pika
-
     for n in range(50):
-        ch.basic_publish("", queue, f"m{n}".encode(), pika.BasicProperties(delivery_mode=2))
+        ch.basic_publish("", queue, f"m{n}".encode(), PERSISTENT)
     c[2].kill()
     killed = time.monotonic()
 
@@ -172,8 +174,48 @@ def test_partitioned_leader_loses_no_confirmed_message(
         fault=lambda: netns.isolate(2),
         after=300,
     )
+    # the cut-off node cannot commit: a persistent publish there gets a nack, in bounded time
+    started = time.monotonic()
+    outcome = bounded(lambda: _publish_outcome(c, 2, queue), 30, "a publish on the cut-off node")
+    took = time.monotonic() - started
+    print(f"publish on the cut-off node: {outcome} after {took:.2f}s")
     netns.heal()
     _check(result)
+    assert outcome == "nack"
+    assert took < 15
+
+
+def _publish_outcome(c: Cluster, i: int, queue: str) -> str:
+    conn = c[i].connect()
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        try:
+            ch.basic_publish("", queue, b"cut off", PERSISTENT)
+        except pika.exceptions.NackError:
+            return "nack"
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return f"channel closed {exc.reply_code}"
+        return "ack"
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def test_reject_publish_overflow_nacks_logged_messages(cluster: Cluster) -> None:
+    queue = unique("dur-overflow")
+    arguments = {"x-max-length": 5, "x-overflow": "reject-publish"}
+    _declare(cluster, 1, queue, **arguments)
+    ch = cluster.channel(0, confirm=True)
+    outcomes = []
+    for _ in range(8):
+        try:
+            ch.basic_publish("", queue, b"m", PERSISTENT)
+            outcomes.append("ack")
+        except pika.exceptions.NackError:
+            outcomes.append("nack")
+    assert outcomes == ["ack"] * 5 + ["nack"] * 3
+    assert cluster.channel(2).queue_declare(queue, passive=True).method.message_count == 5
 
 
 @pytest.mark.parametrize("durability", ["fsync", "os-cache"])

@@ -198,10 +198,10 @@ def test_both_clients_reconnect_through_kills_and_restarts_of_the_node(
     restart = f"cd {ROOT} && {{ {argv} >> {log} 2>&1 & echo $! > {pid_file}; }}"
     try:
         result = verify(
-            "--url", node.url, "--url", node.url, "--count", "15000", "--json",
-            "--timeout", "40", "--drain-idle", "2",
+            "--url", node.url, "--url", node.url, "--count", "30000", "--json",
+            "--timeout", "90", "--drain-idle", "2",
             "--chaos", f"kill -9 $(cat {pid_file})", "--chaos-every", "2",
-            "--restart", restart, "--down", "0.3",
+            "--restart", restart, "--down", "0.3", timeout=150,
         )  # fmt: skip
     finally:
         pid = int(pid_file.read_text())
@@ -209,7 +209,7 @@ def test_both_clients_reconnect_through_kills_and_restarts_of_the_node(
             stop_pid(pid)
     summary = summary_of(result)
     assert summary["complete"] is True, result.stderr[-4000:]
-    assert summary["confirmed"] == 15000
+    assert summary["confirmed"] == 30000
     assert summary["chaos_events"] == summary["restarts"] >= 1
     assert summary["chaos_failures"] == 0
     assert summary["publisher_reconnects"] >= 1
