@@ -22,8 +22,8 @@ Rules:
   and exponent), datetime (its offset and microseconds), dicts, lists and tuples, nested.
 - The id code is 0 for no command id, else the id's length + 1 (ids up to 254 bytes): it
   lets the log's applier drop a retried submission it already applied.
-- Publish and Ack, the durable hot path, have hand-written encoders and decoders; a test
-  proves they write the same bytes as the layout-driven ones.
+- Publish, Ack and Persist, the hot paths, have hand-written encoders and decoders; a
+  test proves they write the same bytes as the layout-driven ones.
 - Decoding is strict and total: anything but a well-formed entry of a known version and
   tag raises `CodecError`, and so does encoding a value the format cannot carry.
 Imports only the standard library, the commands and the broker's value types: no pickle,
@@ -727,6 +727,71 @@ def _decode_publish(data: bytes, off: int, end: int) -> tuple[c.Command, bytes |
     return command, command_id, stop
 
 
+_PERSIST = struct.Struct(">BBBqIIIIIIIBq")
+_PERSIST_SIZE = _PERSIST.size
+_PERSIST_TAG = TAGS[c.Persist]
+
+
+def _encode_persist(command: c.Persist, command_id: bytes | None) -> bytes:
+    code, raw_id = (0, b"") if command_id is None else _id_code(command_id)
+    vhost = command.vhost.encode("utf-8", "surrogatepass")
+    queue = command.queue.encode("utf-8", "surrogatepass")
+    exchange = command.exchange.encode("utf-8", "surrogatepass")
+    key = command.routing_key.encode("utf-8", "surrogatepass")
+    properties = command.properties
+    props = command.props
+    if props.priority is None and props.expiration is None and props.headers is None:
+        props_raw = _PROPS_HEAD.pack(0, props.delivery_mode)
+    else:
+        props_raw = _props_bytes(props)
+    body = command.body
+    head = _PERSIST.pack(
+        VERSION, _PERSIST_TAG, code, command.now_ms,
+        len(vhost), len(queue), len(exchange), len(key), len(properties), len(props_raw),
+        len(body), 1 if command.redelivered else 0, command.delivery_count,
+    )  # fmt: skip
+    return b"".join((head, raw_id, vhost, queue, exchange, key, properties, props_raw, body))
+
+
+def _decode_persist(data: bytes, off: int, end: int) -> tuple[c.Command, bytes | None, int]:
+    if off + _PERSIST_SIZE > end:
+        raise CodecError("truncated Persist")
+    (_, _, code, now_ms, n_vhost, n_queue, n_exchange, n_key, n_properties, n_props, n_body,
+     redelivered, delivery_count) = _PERSIST.unpack_from(data, off)  # fmt: skip
+    pos = off + _PERSIST_SIZE
+    command_id: bytes | None = None
+    if code:
+        command_id, pos = _read_id(code, data, pos, end)
+    a = pos + n_vhost
+    b = a + n_queue
+    x = b + n_exchange
+    k = x + n_key
+    p = k + n_properties
+    q = p + n_props
+    stop = q + n_body
+    if stop > end:
+        raise CodecError("Persist overruns the entry")
+    if redelivered > 1:
+        raise CodecError(f"boolean field holds {redelivered}")
+    if n_props == 9 and data[p] == 0 and 0 <= (mode := _PROPS_HEAD.unpack_from(data, p)[1]) < 256:
+        props = _PLAIN_PROPS[mode]
+    else:
+        props = _props_from(data, p, q)
+    command = c.new_persist(
+        now_ms,
+        data[pos:a].decode("utf-8", "surrogatepass"),
+        data[a:b].decode("utf-8", "surrogatepass"),
+        data[b:x].decode("utf-8", "surrogatepass"),
+        data[x:k].decode("utf-8", "surrogatepass"),
+        data[k:p],
+        props,
+        data[q:stop],
+        redelivered == 1,
+        delivery_count,
+    )
+    return command, command_id, stop
+
+
 def _encode_ack(command: c.Ack, command_id: bytes | None) -> bytes:
     code, raw_id = (0, b"") if command_id is None else _id_code(command_id)
     channel = command.channel
@@ -773,6 +838,7 @@ def _encoders() -> Mapping[type, _Encoder]:
         table[cls] = partial(_generic_encode, compiled)
     table[c.Publish] = _encode_publish
     table[c.Ack] = _encode_ack
+    table[c.Persist] = _encode_persist
     return MappingProxyType(table)
 
 
@@ -783,6 +849,7 @@ def _decoders() -> tuple[_Decoder | None, ...]:
         table[compiled.tag] = partial(_generic_decode, compiled)
     table[_PUBLISH_TAG] = _decode_publish
     table[_ACK_TAG] = _decode_ack
+    table[_PERSIST_TAG] = _decode_persist
     return tuple(table)
 
 

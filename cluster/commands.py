@@ -411,8 +411,21 @@ PUBLISH_FIELDS = (
     "body",
 )
 ACK_FIELDS = ("now_ms", "channel", "delivery_tag", "multiple")
+PERSIST_FIELDS = (
+    "now_ms",
+    "vhost",
+    "queue",
+    "exchange",
+    "routing_key",
+    "properties",
+    "props",
+    "body",
+    "redelivered",
+    "delivery_count",
+)
 _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = _setters(Publish, PUBLISH_FIELDS)
 _A0, _A1, _A2, _A3 = _setters(Ack, ACK_FIELDS)
+_PERSIST_SETTERS = _setters(Persist, PERSIST_FIELDS)
 _new = object.__new__
 
 
@@ -448,4 +461,27 @@ def new_ack(now_ms: int, channel: ChannelRef, delivery_tag: int, multiple: bool)
     _A1(command, channel)
     _A2(command, delivery_tag)
     _A3(command, multiple)
+    return command
+
+
+def new_persist(
+    now_ms: int,
+    vhost: str,
+    queue: str,
+    exchange: str,
+    routing_key: str,
+    properties: bytes,
+    props: Properties,
+    body: bytes,
+    redelivered: bool,
+    delivery_count: int,
+) -> Persist:
+    """`Persist(now_ms=..., vhost=..., ...)`, positionally and faster."""
+    command: Persist = _new(Persist)
+    values = (
+        now_ms, vhost, queue, exchange, routing_key, properties, props, body, redelivered,
+        delivery_count,
+    )  # fmt: skip
+    for setter, value in zip(_PERSIST_SETTERS, values, strict=True):
+        setter(command, value)
     return command

@@ -200,18 +200,10 @@ def _size(queue: str, message: Message) -> int:
 
 
 def _persist(vhost: str, queue: str, m: Message) -> c.Persist:
-    return c.Persist(
-        now_ms=m.published_ms,
-        vhost=vhost,
-        queue=queue,
-        exchange=m.exchange,
-        routing_key=m.routing_key,
-        properties=m.properties,
-        props=m.props,
-        body=m.body,
-        redelivered=m.redelivered,
-        delivery_count=m.delivery_count,
-    )
+    return c.new_persist(
+        m.published_ms, vhost, queue, m.exchange, m.routing_key, m.properties, m.props,
+        m.body, m.redelivered, m.delivery_count,
+    )  # fmt: skip
 
 
 def _entries(batch: _Batch) -> list[list[Any]]:

@@ -68,9 +68,9 @@ REPLICATE_TIMEOUT_S: Final = 5.0
 # answers anyway (a slow node must not stall every declare).
 APPLIED_WAIT_S: Final = 2.0
 RPC_TIMEOUT_S: Final = 5.0
-MONITOR_PERIOD_S: Final = 0.1
+MONITOR_PERIOD_S: Final = 0.05
 # A member unreachable over the link this long is declared down by the Raft leader.
-DOWN_AFTER_S: Final = 0.4
+DOWN_AFTER_S: Final = 0.2
 SNAPSHOT_WAIT_S: Final = 60.0
 # Bytes waiting in the link for one peer above which this node's publishers pause.
 LINK_HIGH_BYTES: Final = 1 << 20

@@ -281,6 +281,14 @@ class StateMachine:
             broker.settled = {}
         return to_log, settled
 
+    def held_messages(self) -> int:
+        """Messages this node holds: ready, unacked, and its copies of durable logs."""
+        return sum(
+            q.message_count + q.unacked_count + len(q.log)
+            for vh in self._broker.vhosts.values()
+            for q in vh.queues.values()
+        )
+
     def logged_messages(self) -> int:
         """Messages in this node's copies of the durable queues' logs."""
         return sum(len(q.log) for vh in self._broker.vhosts.values() for q in vh.queues.values())

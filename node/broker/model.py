@@ -1629,7 +1629,11 @@ class Broker:
         return False
 
     def _live_copy(self, queue: Queue, stored: Message) -> Message:
-        live = dataclasses.replace(stored, id=self.next_message_id)
+        s = stored
+        live = Message(
+            self.next_message_id, s.exchange, s.routing_key, s.properties, s.props, s.body,
+            s.published_ms, s.redelivered, s.delivery_count, s.expires_ms, s.rid,
+        )  # fmt: skip
         self.next_message_id += 1
         queue.live[stored.rid] = live
         return live

@@ -246,7 +246,10 @@ def generic_decode(entry: bytes) -> tuple[c.Command, bytes | None]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(command=command_strategy(c.Publish) | command_strategy(c.Ack), command_id=IDS)
+@given(
+    command=command_strategy(c.Publish) | command_strategy(c.Ack) | command_strategy(c.Persist),
+    command_id=IDS,
+)
 def test_fast_paths_equal_the_layout_driven_codec(command: Any, command_id: bytes | None) -> None:
     entry = codec.encode(command, command_id=command_id)
     assert entry == generic(command, command_id)

@@ -14,6 +14,7 @@ from node.broker.types import ChannelRef, Properties, new_properties
 def test_fast_constructors_cover_every_field() -> None:
     assert tuple(f.name for f in dataclasses.fields(cmd.Publish)) == cmd.PUBLISH_FIELDS
     assert tuple(f.name for f in dataclasses.fields(cmd.Ack)) == cmd.ACK_FIELDS
+    assert tuple(f.name for f in dataclasses.fields(cmd.Persist)) == cmd.PERSIST_FIELDS
     assert tuple(f.name for f in dataclasses.fields(Properties)) == (
         "delivery_mode",
         "priority",
@@ -62,4 +63,18 @@ def test_fast_constructors_equal_keyword_ones(
     assert fast == slow
     assert cmd.new_ack(now, ref, tag, flag) == cmd.Ack(
         now_ms=now, channel=ref, delivery_tag=tag, multiple=flag
+    )
+    assert cmd.new_persist(
+        now, "/", name, name[::-1], name, raw, props, raw * 2, flag, tag
+    ) == cmd.Persist(
+        now_ms=now,
+        vhost="/",
+        queue=name,
+        exchange=name[::-1],
+        routing_key=name,
+        properties=raw,
+        props=props,
+        body=raw * 2,
+        redelivered=flag,
+        delivery_count=tag,
     )
