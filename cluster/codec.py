@@ -474,7 +474,9 @@ def _table_from(data: bytes, start: int, stop: int) -> dict[str, Any]:
 
 _PROPS_HEAD = struct.Struct(">Bq")
 # Properties are frozen: the plain ones (only a delivery mode) are shared, not rebuilt.
-_PLAIN_PROPS = tuple(new_properties(mode, None, None, None) for mode in range(256))
+_PLAIN_PROPS: tuple[Properties, ...] = tuple(
+    new_properties(mode, None, None, None) for mode in range(256)
+)
 
 
 def _props_bytes(props: Properties) -> bytes:
@@ -659,6 +661,13 @@ _new_publish = c.new_publish
 _new_ack = c.new_ack
 
 
+def _props_raw(props: Properties) -> bytes:
+    """`_props_bytes`, with the common case (delivery mode only) packed directly."""
+    if props.priority is None and props.expiration is None and props.headers is None:
+        return _PROPS_HEAD.pack(0, props.delivery_mode)
+    return _props_bytes(props)
+
+
 def _encode_publish(command: c.Publish, command_id: bytes | None) -> bytes:
     code, raw_id = (0, b"") if command_id is None else _id_code(command_id)
     channel = command.channel
@@ -666,11 +675,7 @@ def _encode_publish(command: c.Publish, command_id: bytes | None) -> bytes:
     exchange = command.exchange.encode("utf-8", "surrogatepass")
     key = command.routing_key.encode("utf-8", "surrogatepass")
     properties = command.properties
-    props = command.props
-    if props.priority is None and props.expiration is None and props.headers is None:
-        props_raw = _PROPS_HEAD.pack(0, props.delivery_mode)
-    else:
-        props_raw = _props_bytes(props)
+    props_raw = _props_raw(command.props)
     body = command.body
     head = _PUBLISH.pack(
         VERSION,
@@ -709,10 +714,7 @@ def _decode_publish(data: bytes, off: int, end: int) -> tuple[c.Command, bytes |
         raise CodecError("Publish overruns the entry")
     if mandatory > 1:
         raise CodecError(f"boolean field holds {mandatory}")
-    if n_props == 9 and data[p] == 0 and 0 <= (mode := _PROPS_HEAD.unpack_from(data, p)[1]) < 256:
-        props = _PLAIN_PROPS[mode]
-    else:
-        props = _props_from(data, p, q)
+    props = _props_from(data, p, q)  # (shares the plain ones)
     command = _new_publish(
         now_ms,
         ChannelRef(conn, number),
@@ -739,11 +741,7 @@ def _encode_persist(command: c.Persist, command_id: bytes | None) -> bytes:
     exchange = command.exchange.encode("utf-8", "surrogatepass")
     key = command.routing_key.encode("utf-8", "surrogatepass")
     properties = command.properties
-    props = command.props
-    if props.priority is None and props.expiration is None and props.headers is None:
-        props_raw = _PROPS_HEAD.pack(0, props.delivery_mode)
-    else:
-        props_raw = _props_bytes(props)
+    props_raw = _props_raw(command.props)
     body = command.body
     head = _PERSIST.pack(
         VERSION, _PERSIST_TAG, code, command.now_ms,
@@ -773,10 +771,7 @@ def _decode_persist(data: bytes, off: int, end: int) -> tuple[c.Command, bytes |
         raise CodecError("Persist overruns the entry")
     if redelivered > 1:
         raise CodecError(f"boolean field holds {redelivered}")
-    if n_props == 9 and data[p] == 0 and 0 <= (mode := _PROPS_HEAD.unpack_from(data, p)[1]) < 256:
-        props = _PLAIN_PROPS[mode]
-    else:
-        props = _props_from(data, p, q)
+    props = _props_from(data, p, q)  # (shares the plain ones)
     command = c.new_persist(
         now_ms,
         data[pos:a].decode("utf-8", "surrogatepass"),

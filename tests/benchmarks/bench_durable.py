@@ -71,6 +71,15 @@ def _declare(c: bc.Cluster, node: int, queue: str) -> None:
     bn.run_async(declare(), timeout=60)
 
 
+def publisher(c: bc.Cluster, node: int, queue: str, **options: bool) -> lg.PublishSpec:
+    """The producer of these benchmarks: 64-byte persistent messages, 256 confirms in
+    flight, through node `node`."""
+    return lg.PublishSpec(
+        c.endpoint(node), "", queue, body_size=BODY, persistent=True, confirm_window=WINDOW,
+        **options,
+    )  # fmt: skip
+
+
 def throughput(c: bc.Cluster, pub: int, cons: int, duration: float, warmup: float) -> Result:
     queue = bn._name("durable")
     _declare(c, cons, queue)
@@ -79,17 +88,7 @@ def throughput(c: bc.Cluster, pub: int, cons: int, duration: float, warmup: floa
         load = bc.run_load_cluster(
             c,
             [lg.ConsumeSpec(c.endpoint(cons), (queue,), prefetch=WINDOW * 2)],
-            [
-                lg.PublishSpec(
-                    c.endpoint(pub),
-                    "",
-                    queue,
-                    body_size=BODY,
-                    persistent=True,
-                    confirm_window=WINDOW,
-                    measure_confirms=True,
-                )
-            ],
+            [publisher(c, pub, queue, measure_confirms=True)],
             warmup=warmup,
             duration=duration,
         )

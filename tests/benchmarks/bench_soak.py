@@ -128,16 +128,7 @@ def soak(c: bc.WarrenCluster, seconds: float) -> list[str]:
         load = bc.run_load_cluster(
             c,
             [lg.ConsumeSpec(c.endpoint(B), (queue,), prefetch=512)],
-            [
-                lg.PublishSpec(
-                    c.endpoint(A),
-                    "",
-                    queue,
-                    body_size=bd.BODY,
-                    persistent=True,
-                    confirm_window=bd.WINDOW,
-                )
-            ],
+            [bd.publisher(c, A, queue)],
             warmup=1.0,
             duration=seconds,
         )
@@ -204,16 +195,7 @@ def catch_up(c: Cluster, backlog: int) -> list[str]:
         bc.run_load_cluster(
             c,
             [],
-            [
-                lg.PublishSpec(
-                    c.endpoint(A),
-                    "",
-                    queue,
-                    body_size=bd.BODY,
-                    persistent=True,
-                    confirm_window=bd.WINDOW,
-                )
-            ],
+            [bd.publisher(c, A, queue)],
             warmup=0.0,
             duration=min(60.0, max(5.0, (backlog - published) / 2000)),
         )
