@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from prometheus_client import Histogram
+
 from cluster import commands as c
 from node.broker.types import Message, Outcome, Routed
 
@@ -44,6 +46,8 @@ MAX_ENTRY_BYTES: Final = 16 * 1024 * 1024 + 4096
 # Entries submitted and not yet applied here; more wait (and grow) in the open batch.
 MAX_IN_FLIGHT: Final = 16
 SETTLE_CHUNK: Final = 32_768  # rids per Settle command
+# Messages per entry (the group commit's batch size), as /metrics shows them.
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 _COMMAND_OVERHEAD: Final = 96  # bytes of a Persist beyond its body, properties and names
 
 Ticket = Callable[[bool], None]
@@ -75,6 +79,12 @@ class DurableLog:
         self.entries = 0
         self.messages = 0
         self.failures = 0
+        self.batch_size = Histogram(
+            "warren_durable_batch_messages",
+            "Persistent messages per durable log entry written by this node",
+            registry=None,
+            buckets=BATCH_BUCKETS,
+        )
 
     # ---- collecting ---------------------------------------------------------------------
 
@@ -161,6 +171,8 @@ class DurableLog:
             self._in_flight -= 1
             self.entries += 1
             self.messages += len(batch.persists)
+            if batch.persists:
+                self.batch_size.observe(len(batch.persists))
             if not ok:
                 self.failures += 1
                 self._retry_settles(batch)

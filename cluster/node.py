@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, Final, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
+from prometheus_client import Histogram
 
 from cluster import codec, placement, wire
 from cluster import commands as c
@@ -78,6 +79,8 @@ LINK_HIGH_BYTES: Final = 1 << 20
 LEADER_GRACE_S: Final = 0.3
 # After this node became ready, members are not judged for a while: links come up.
 STARTUP_GRACE_S: Final = 3.0
+# warren_raft_commit_latency_seconds buckets: fsynced commits take milliseconds to tens.
+COMMIT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 NO_QUORUM = 541  # replaced by the channel's error: see unavailable()
 
 
@@ -200,6 +203,14 @@ class ClusterNode:
         self.forwarded_messages = 0
         self.forwarded_bytes = 0
         self.durable = DurableLog(self)
+        # From submitting an entry to applying it here (committed on a majority).
+        self.commit_latency = Histogram(
+            "warren_raft_commit_latency_seconds",
+            "Time from submitting a Raft entry to its commit and apply on this node",
+            registry=None,
+            buckets=COMMIT_BUCKETS,
+        )
+        self.last_commit_latency = 0.0
         self._entry_waiters: dict[bytes, asyncio.Future[list[Outcome | None]]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -431,6 +442,7 @@ class ClusterNode:
             # this node's own submit returns.
             self._acks[last] = {p for p in self._link.up_peers() if p in self.shell.state.members}
             self._ack_events[last] = anyio.Event()
+        started = time.perf_counter()
         try:
             try:
                 await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
@@ -445,6 +457,7 @@ class ClusterNode:
                 outcomes = [await w for w in waiters]
             if not all(w.done() for w in waiters):
                 raise unavailable(self.name, "the entry was committed but not applied in time")
+            self._committed(started)
             if wait_peers:
                 await self._wait_applied(last)
         finally:
@@ -467,6 +480,7 @@ class ClusterNode:
         ids: list[bytes | None] = [command_id] + [None] * (len(commands) - 1)
         try:
             entry = codec.encode_batch(commands, command_ids=ids)
+            started = time.perf_counter()
             try:
                 await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
             except (RaftError, ValueError) as exc:
@@ -476,10 +490,16 @@ class ClusterNode:
                     )
                     return None
             with anyio.move_on_after(APPLIED_WAIT_S):
-                return await waiter
+                outcomes = await waiter
+                self._committed(started)
+                return outcomes
             return None
         finally:
             self._entry_waiters.pop(command_id, None)
+
+    def _committed(self, started: float) -> None:
+        self.last_commit_latency = latency = time.perf_counter() - started
+        self.commit_latency.observe(latency)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` (async) in the node's task group; a bug in it is logged."""

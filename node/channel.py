@@ -13,6 +13,7 @@ import base64
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pamqp import commands as spec
@@ -42,6 +43,7 @@ from node.protocol.properties import reply_to_of, with_reply_to
 
 if TYPE_CHECKING:
     from cluster.node import ClusterNode
+    from node.stats import NodeStats
 
 OK_REPLY = Ok()
 NOT_IMPLEMENTED = 540
@@ -70,6 +72,7 @@ class Host(Protocol):
     user: str
     proto: ServerConnection
     cluster: ClusterNode | None
+    stats: NodeStats
 
     execute: Callable[[cmd.AnyCommand], Reply]
     reply_address: Callable[[ChannelRef], str | None]
@@ -128,6 +131,8 @@ class Channel:
         "_nacked",
         "_pending",
         "_pending_at",
+        "_timed_at",
+        "_timed_seq",
         "_tx_buffer",
         "backlog",
         "busy",
@@ -138,6 +143,7 @@ class Channel:
         "proxies",
         "ref",
         "remote_consumers",
+        "stats",
         "tx",
     )
 
@@ -151,6 +157,11 @@ class Channel:
         self._confirm_sent = 0  # highest sequence number acked to the publisher
         self._nacked: set[int] = set()  # sequence numbers to nack at the next flush
         self._tx_buffer: list[cmd.Publish | cmd.Ack | cmd.Nack] = []
+        self.stats = host.stats
+        # The one publish whose confirm is being timed (NodeStats.confirm_latency): its
+        # sequence number (0: none) and when it came.
+        self._timed_seq = 0
+        self._timed_at = 0.0
         self._last_queue = ""
         # Cluster: a method waiting for a round trip makes the channel busy; the methods
         # after it wait in `backlog` (AMQP answers a channel's methods in order).
@@ -223,6 +234,10 @@ class Channel:
             content.body,
         )
         self.host.note_publish()
+        stats = self.stats
+        stats.received += 1
+        if self.confirm:
+            stats.received_confirm += 1
         if self.tx:
             self._tx_buffer.append(command)
             return
@@ -260,17 +275,24 @@ class Channel:
         if due <= 0:
             return
         proto = self.host.proto
+        stats = self.stats
         if not self._nacked:
             proto.send_ack(self.number, upto, due > 1)
+            stats.confirmed += due
         else:
             # Rare: some publishes were refused. Confirm one by one, in order.
             for seq in range(self._confirm_sent + 1, upto + 1):
                 if seq in self._nacked:
                     self._nacked.discard(seq)
                     proto.send_method(self.number, spec.Basic.Nack(seq, False, False))
+                    stats.nacked += 1
                 else:
                     proto.send_ack(self.number, seq, False)
+                    stats.confirmed += 1
         self._confirm_sent = upto
+        if self._timed_seq and upto >= self._timed_seq:
+            stats.confirm_latency.observe(perf_counter() - self._timed_at)
+            self._timed_seq = 0
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -312,18 +334,30 @@ class Channel:
         reply = self.host.execute(command)
         if type(reply) is not Routed:
             reply = self._checked(reply, _PUBLISH)
-        if isinstance(reply, Routed) and reply.returned:
-            self.host.proto.send_content(
-                self.number,
-                spec.Basic.Return(NO_ROUTE, "NO_ROUTE", command.exchange, command.routing_key),
-                command.properties,
-                command.body,
-            )
+        stats = self.stats
+        if isinstance(reply, Routed):
+            if reply.returned:
+                stats.unroutable_returned += 1
+                self.host.proto.send_content(
+                    self.number,
+                    spec.Basic.Return(NO_ROUTE, "NO_ROUTE", command.exchange, command.routing_key),
+                    command.properties,
+                    command.body,
+                )
+            elif reply.queues:
+                stats.routed += 1
+            else:
+                stats.unroutable_dropped += 1
+        else:
+            stats.routed += 1  # (a direct reply-to reply: delivered to its channel)
         seq = 0
         if self.confirm:
             self._confirm_count = seq = self._confirm_count + 1
             if isinstance(reply, Routed) and reply.rejected:
                 self._nacked.add(seq)
+            if not self._timed_seq:
+                self._timed_seq = seq
+                self._timed_at = perf_counter()
         if isinstance(reply, Routed):
             if reply.durable and seq:
                 self._await_log(seq)
@@ -340,6 +374,7 @@ class Channel:
         seq = 0
         if self.confirm:
             self._confirm_count = seq = self._confirm_count + 1
+        self.stats.routed += 1
         if cluster.forward(node, (command.routing_key,), command, 0):
             return
         if seq:
@@ -414,6 +449,13 @@ class Channel:
         tag = self.host.state.external_delivery(
             self.ref, rc.vhost, rc.queue, d.delivery_tag, wire.delivered_message(d), rc.no_ack
         )
+        stats = self.stats
+        if rc.no_ack:
+            stats.delivered_consume_auto_ack += 1
+        else:
+            stats.delivered_consume_manual_ack += 1
+        if d.redelivered:
+            stats.redelivered += 1
         self.host.proto.send_deliver(
             self.number,
             d.consumer_tag,
@@ -604,9 +646,14 @@ class Channel:
             server_named=not m.queue and not m.passive,
         )
 
+        existed = m.passive or self.host.state.queue_exists(self.host.vhost, name)
+
         def ok(reply: Reply) -> None:
             assert isinstance(reply, QueueDeclared)
             self._last_queue = reply.queue
+            self.stats.queues_declared += 1
+            if not existed:
+                self.stats.queues_created += 1
             if not m.nowait:
                 self._send(
                     spec.Queue.DeclareOk(reply.queue, reply.message_count, reply.consumer_count)
@@ -743,6 +790,7 @@ class Channel:
 
         def ok(reply: Reply) -> None:
             assert isinstance(reply, Count)
+            self.stats.queues_deleted += 1
             if not m.nowait:
                 self._send(spec.Queue.DeleteOk(reply.message_count))
 
@@ -932,7 +980,14 @@ class Channel:
         self._round_trip(m, get, got)
 
     def _got(self, reply: Reply, m: spec.Basic.Get) -> None:
+        stats = self.stats
         if isinstance(reply, GetOk):
+            if m.no_ack:
+                stats.delivered_get_auto_ack += 1
+            else:
+                stats.delivered_get_manual_ack += 1
+            if reply.redelivered:
+                stats.redelivered += 1
             msg = reply.message
             self.host.proto.send_content(
                 self.number,
@@ -948,6 +1003,7 @@ class Channel:
             )
         else:
             assert isinstance(reply, GetEmpty)
+            stats.get_empty += 1
             self._send(spec.Basic.GetEmpty())
 
     def _settle(self, command: cmd.Ack | cmd.Nack, method: Any) -> None:
@@ -965,9 +1021,17 @@ class Channel:
         if self.tx:
             self._tx_buffer.append(command)
             return
-        reply = self.host.execute(command)
+        if multiple:
+            state = self.host.state
+            before = state.channel_unacked(self.ref)
+            reply = self.host.execute(command)
+            self.stats.acknowledged += before - state.channel_unacked(self.ref)
+        else:
+            reply = self.host.execute(command)
         if isinstance(reply, AmqpError):
             self._checked(reply, _ACK)
+        elif not multiple:
+            self.stats.acknowledged += 1
 
     def ack_many(self, delivery_tags: tuple[int, ...]) -> None:
         """Consecutive single-tag basic.acks, as `ack(tag, False)` for each in order: one
@@ -982,6 +1046,7 @@ class Channel:
         reply = self.host.execute(command)
         if isinstance(reply, AmqpError):
             self._checked(reply, _ACK)
+        self.stats.acknowledged += len(delivery_tags)
 
     def _basic_nack(self, m: spec.Basic.Nack) -> None:
         self._settle(

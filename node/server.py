@@ -61,6 +61,7 @@ from node.protocol.connection import (
     ChannelError as ProtocolChannelError,
 )
 from node.protocol.properties import with_headers
+from node.stats import NodeStats
 
 # One reader turn handles at most this many bytes (about 100 small publishes), then lets
 # the other connections run: a publisher's big socket buffer must not starve consumers.
@@ -139,6 +140,7 @@ class BrokerNode:
             rewrite_headers=with_headers, node_name=cluster.name if cluster else ""
         )
         self.connections: dict[int, ClientConnection] = {}
+        self.stats = NodeStats()
         self.watermark = config.memory_high_watermark_bytes or default_watermark()
         self.alarm = False
         self.alarm_cleared = anyio.Event()
@@ -314,6 +316,7 @@ class BrokerNode:
             await anyio.sleep(delay)
             reply = self.execute(cmd.Tick(now_ms=int(time.time() * 1000)))
             self.dispatch()
+            self.stats.rates()  # (the rate window moves on even when nobody reads it)
             # A tick does bounded work; when more expired messages wait, tick again as soon
             # as pending I/O has been served, so expiry never holds the loop for long.
             delay = 0 if isinstance(reply, Ticked) and reply.more else TICK_INTERVAL_S
@@ -376,6 +379,7 @@ class ClientConnection:
         self.execute: Callable[[cmd.AnyCommand], Reply] = node.execute
         self.reply_address: Callable[[ChannelRef], str | None] = node.state.reply_address
         self.cluster: ClusterNode | None = node.cluster
+        self.stats = node.stats
         self._tg: TaskGroup | None = None
         self._now_ms = int(time.time() * 1000)
         self._out: deque[bytes] = deque()
@@ -670,6 +674,7 @@ class ClientConnection:
         if ev.vhost in self.node.config.vhosts:
             self.vhost = ev.vhost
             self.opened = True
+            self.node.stats.connections_opened += 1
             self.proto.accept_vhost()
             self.log.info("connection.opened", user=self.user, vhost=ev.vhost, peer=self.peer)
         else:
@@ -679,6 +684,7 @@ class ClientConnection:
     def _on_channel_opened(self, ev: ChannelOpened) -> None:
         channel = Channel(self, ev.channel)
         self.channels[ev.channel] = channel
+        self.stats.channels_opened += 1
         self.node.execute(cmd.OpenChannel(channel=channel.ref))
 
     def _on_channel_method(self, ev: ChannelMethod) -> None:
@@ -726,6 +732,7 @@ class ClientConnection:
         a cluster round trip are dropped (the client already has its close-ok)."""
         channel.backlog.clear()
         channel.closed = True
+        self.stats.channels_closed += 1
         self.node.execute(cmd.CloseChannel(channel=channel.ref))
         if self.cluster is not None:
             for node in channel.proxies:
@@ -785,6 +792,13 @@ class ClientConnection:
     def apply_effect(self, effect: Effect) -> None:
         if type(effect) is Deliver:
             msg = effect.message
+            stats = self.stats
+            if effect.no_ack:
+                stats.delivered_consume_auto_ack += 1
+            else:
+                stats.delivered_consume_manual_ack += 1
+            if effect.redelivered:
+                stats.redelivered += 1
             self.proto.send_deliver(
                 effect.channel.channel,
                 effect.consumer_tag,
@@ -822,6 +836,9 @@ class ClientConnection:
         if self._released:
             return
         self._released = True
+        if self.opened:
+            self.stats.connections_closed += 1
+        self.stats.channels_closed += len(self.channels)
         proxies: set[str] = set()
         for channel in self.channels.values():
             channel.closed = True

@@ -937,7 +937,7 @@ class Broker:
         message = Message(message_id, "", routing_key, properties, props, body, now_ms)
         tag = channel.next_tag
         channel.next_tag = tag + 1
-        effects.append(Deliver(channel.ref, target[1], tag, False, message))
+        effects.append(Deliver(channel.ref, target[1], tag, False, message, True))
         return NO_ROUTE if mandatory else _ROUTED[1]
 
     def flow_blocked(self) -> bool:
@@ -1503,7 +1503,9 @@ class Broker:
                 channel.consumer_unacked += 1
             if queue.counts_deliveries:
                 message = self._stamped(message)  # unacked keeps the stored one
-            effects.append(Deliver(channel.ref, chosen.tag, tag, message.redelivered, message))
+            effects.append(
+                Deliver(channel.ref, chosen.tag, tag, message.redelivered, message, chosen.no_ack)
+            )
 
     # ---- cluster -----------------------------------------------------------------------
 

@@ -88,6 +88,7 @@ class Deliver:
     delivery_tag: int
     redelivered: bool
     message: Message
+    no_ack: bool = False  # the consumer acks nothing (counted apart in node stats)
 
 
 @dataclass(frozen=True, slots=True)
