@@ -449,13 +449,7 @@ class Channel:
         tag = self.host.state.external_delivery(
             self.ref, rc.vhost, rc.queue, d.delivery_tag, wire.delivered_message(d), rc.no_ack
         )
-        stats = self.stats
-        if rc.no_ack:
-            stats.delivered_consume_auto_ack += 1
-        else:
-            stats.delivered_consume_manual_ack += 1
-        if d.redelivered:
-            stats.redelivered += 1
+        self.stats.deliver(rc.no_ack, d.redelivered)
         self.host.proto.send_deliver(
             self.number,
             d.consumer_tag,
@@ -980,14 +974,8 @@ class Channel:
         self._round_trip(m, get, got)
 
     def _got(self, reply: Reply, m: spec.Basic.Get) -> None:
-        stats = self.stats
         if isinstance(reply, GetOk):
-            if m.no_ack:
-                stats.delivered_get_auto_ack += 1
-            else:
-                stats.delivered_get_manual_ack += 1
-            if reply.redelivered:
-                stats.redelivered += 1
+            self.stats.get(m.no_ack, reply.redelivered)
             msg = reply.message
             self.host.proto.send_content(
                 self.number,
@@ -1003,7 +991,7 @@ class Channel:
             )
         else:
             assert isinstance(reply, GetEmpty)
-            stats.get_empty += 1
+            self.stats.get_empty += 1
             self._send(spec.Basic.GetEmpty())
 
     def _settle(self, command: cmd.Ack | cmd.Nack, method: Any) -> None:

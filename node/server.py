@@ -792,13 +792,7 @@ class ClientConnection:
     def apply_effect(self, effect: Effect) -> None:
         if type(effect) is Deliver:
             msg = effect.message
-            stats = self.stats
-            if effect.no_ack:
-                stats.delivered_consume_auto_ack += 1
-            else:
-                stats.delivered_consume_manual_ack += 1
-            if effect.redelivered:
-                stats.redelivered += 1
+            self.stats.deliver(effect.no_ack, effect.redelivered)
             self.proto.send_deliver(
                 effect.channel.channel,
                 effect.consumer_tag,

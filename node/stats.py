@@ -99,6 +99,24 @@ class NodeStats:
             + self.delivered_get_manual_ack
         )
 
+    def deliver(self, no_ack: bool, redelivered: bool) -> None:
+        """A basic.deliver sent to a consumer."""
+        if no_ack:
+            self.delivered_consume_auto_ack += 1
+        else:
+            self.delivered_consume_manual_ack += 1
+        if redelivered:
+            self.redelivered += 1
+
+    def get(self, no_ack: bool, redelivered: bool) -> None:
+        """A basic.get-ok sent."""
+        if no_ack:
+            self.delivered_get_auto_ack += 1
+        else:
+            self.delivered_get_manual_ack += 1
+        if redelivered:
+            self.redelivered += 1
+
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
 
