@@ -603,6 +603,15 @@ class StateMachine:
         channel = self._broker.channels.get(ref)
         return 0 if channel is None else len(channel.unacked)
 
+    # ---- read-only views for the management API ----------------------------------------
+
+    def consumers(self) -> Iterator[views.ConsumerView]:
+        """Every consumer this machine holds (of the queues this node leads)."""
+        return views.consumers(self._broker)
+
+    def channel_counts(self, ref: ChannelRef) -> views.ChannelCounts | None:
+        return views.channel_counts(self._broker, ref)
+
     # ---- snapshots ---------------------------------------------------------------------
 
     def snapshot(self) -> bytes:

@@ -294,6 +294,11 @@ class Channel:
             stats.confirm_latency.observe(perf_counter() - self._timed_at)
             self._timed_seq = 0
 
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes not confirmed yet (the management API's messages_unconfirmed)."""
+        return self._confirm_count - self._confirm_sent
+
     # ---- helpers -----------------------------------------------------------------------
 
     def _run(self, command: cmd.AnyCommand, method: Any) -> Reply:

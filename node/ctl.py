@@ -37,6 +37,8 @@ LIST_PATHS = {
     "exchanges": "/api/exchanges",
     "bindings": "/api/bindings",
     "connections": "/api/connections",
+    "channels": "/api/channels",
+    "consumers": "/api/consumers",
 }
 # The columns `list` shows, in this order, when at least one row has them.
 LIST_COLUMNS = {
@@ -73,6 +75,37 @@ LIST_COLUMNS = {
         "state",
         "node",
     ),
+    "channels": (
+        "name",
+        "vhost",
+        "user",
+        "consumer_count",
+        "prefetch_count",
+        "messages_unacknowledged",
+        "messages_unconfirmed",
+        "confirm",
+        "transactional",
+        "state",
+        "node",
+    ),
+    "consumers": (
+        "consumer_tag",
+        "queue.vhost",
+        "queue.name",
+        "channel_details.name",
+        "ack_required",
+        "prefetch_count",
+        "exclusive",
+        "active",
+        "channel_details.node",
+    ),
+}
+# Headers of nested columns ("queue.name"); the others are the key with "_" as " ".
+COLUMN_HEADERS = {
+    "queue.vhost": "vhost",
+    "queue.name": "queue",
+    "channel_details.name": "channel",
+    "channel_details.node": "node",
 }
 MEMBER_COLUMNS = ["name", "raft_address", "amqp_address", "reachable", "alive", "queues_led"]
 
@@ -99,15 +132,27 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _value(row: Mapping[str, object], column: str) -> object:
+    """`row[column]`; a dotted column ("queue.name") looks into nested objects."""
+    value: object = row
+    for part in column.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
-    """Plain aligned columns under a header (the keys, "_" as " "); numeric columns are
-    right-aligned; a missing or null value is "-", a boolean "yes"/"no"."""
-    header = [c.replace("_", " ") for c in columns]
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    """Plain aligned columns under a header (the keys, "_" as " "; a dotted key looks into
+    nested objects); numeric columns are right-aligned; a missing or null value is "-", a
+    boolean "yes"/"no"."""
+    header = [COLUMN_HEADERS.get(c, c.replace("_", " ")) for c in columns]
+    values = [[_value(row, c) for c in columns] for row in rows]
+    cells = [[_cell(v) for v in row] for row in values]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
     numeric = [
-        bool(values) and all(_is_number(v) for v in values)
-        for values in ([row[c] for row in rows if row.get(c) is not None] for c in columns)
+        bool(present) and all(_is_number(v) for v in present)
+        for present in ([r[i] for r in values if r[i] is not None] for i in range(len(columns)))
     ]
 
     def line(values: Sequence[str], align: bool) -> str:
@@ -150,8 +195,9 @@ def format_status(status: Mapping[str, Any]) -> str:
 def list_columns(kind: str, rows: Sequence[Mapping[str, object]]) -> list[str]:
     """The preferred columns for `kind` that some row has; failing that, the first row's
     keys with plain (non-nested) values."""
-    present = {key for row in rows for key in row}
-    columns = [c for c in LIST_COLUMNS.get(kind, ()) if c in present]
+    columns = [
+        c for c in LIST_COLUMNS.get(kind, ()) if any(_value(row, c) is not None for row in rows)
+    ]
     if columns or not rows:
         return columns or ["name"]
     return [k for k, v in rows[0].items() if not isinstance(v, dict | list)]
@@ -382,12 +428,10 @@ def rebalance(settings: Settings) -> None:
     click.echo(format_table(rows, ["node", "queues_led"]))
 
 
-@ctl_group.command("list")
-@click.argument("kind", type=click.Choice(sorted(LIST_PATHS)))
-@click.pass_obj
-def list_command(settings: Settings, kind: str) -> None:
-    """List queues, exchanges, bindings or connections (all vhosts)."""
+def _list(settings: Settings, kind: str, vhost: str | None) -> None:
     path = LIST_PATHS[kind]
+    if vhost is not None:
+        path += "/" + quote(vhost, safe="")
     value = settings.client.request("GET", path)
     if settings.as_json:
         _echo_json(value)
@@ -397,3 +441,35 @@ def list_command(settings: Settings, kind: str) -> None:
         click.echo(f"no {kind}")
         return
     click.echo(format_table(rows, list_columns(kind, rows)))
+
+
+_VHOST_KINDS = ("queues", "exchanges", "bindings", "consumers")
+
+
+@ctl_group.command("list")
+@click.argument("kind", type=click.Choice(sorted(LIST_PATHS)))
+@click.option("--vhost", default=None, help="Only this vhost (queues, exchanges, bindings).")
+@click.pass_obj
+def list_command(settings: Settings, kind: str, vhost: str | None) -> None:
+    """List queues, exchanges, bindings, connections, channels or consumers (of every
+    node of the cluster; all vhosts unless --vhost)."""
+    if vhost is not None and kind not in _VHOST_KINDS:
+        raise click.BadParameter(f"--vhost does not apply to {kind}", param_hint="--vhost")
+    _list(settings, kind, vhost)
+
+
+def _listing_command(kind: str) -> None:
+    """`warren ctl KIND` (the same as `warren ctl list KIND`)."""
+
+    def command(settings: Settings, vhost: str | None = None) -> None:
+        _list(settings, kind, vhost)
+
+    command.__doc__ = f"List {kind} (the whole cluster's)."
+    wrapped = click.pass_obj(command)
+    if kind in _VHOST_KINDS:
+        wrapped = click.option("--vhost", default=None, help="Only this vhost.")(wrapped)
+    ctl_group.command(kind)(wrapped)
+
+
+for _kind in LIST_PATHS:
+    _listing_command(_kind)

@@ -224,9 +224,14 @@ class BrokerNode:
 
     # ---- connections -------------------------------------------------------------------
 
-    async def handle_client(self, stream: SocketStream) -> None:
+    def new_conn_id(self) -> int:
+        """A connection id no other connection of this node (or of the cluster) has."""
         conn_id = self._next_conn
         self._next_conn += 1
+        return conn_id
+
+    async def handle_client(self, stream: SocketStream) -> None:
+        conn_id = self.new_conn_id()
         address = stream.extra(SocketAttribute.remote_address, None)
         if isinstance(address, tuple):
             host, peer = str(address[0]), f"{address[0]}:{address[1]}"
@@ -365,6 +370,7 @@ class ClientConnection:
         self.peer = peer
         self.vhost = "/"
         self.user = ""
+        self.connected_at = int(time.time() * 1000)  # (the management API's connected_at)
         self.log = node.log.bind(conn=conn_id)
         cfg = node.config
         self.proto = ServerConnection(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from node.broker.entities import Exchange, Queue
 from node.broker.model import Broker
-from node.broker.types import ConnId, FieldTable
+from node.broker.types import ChannelRef, ConnId, FieldTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,11 @@ class QueueView:
     unacked: int
     consumers: int
     message_bytes: int  # bodies, ready + unacked
+    ready_bytes: int = 0
+    unacked_bytes: int = 0
+    leader: str = ""  # the node leading the queue ("" outside a cluster)
+    exclusive_consumer_tag: str | None = None
+    last_used_ms: int = 0  # the model's time of the latest use (x-expires' clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,11 @@ def queue_view(queue: Queue) -> QueueView:
         queue.unacked_count,
         queue.consumer_count,
         queue.ready_bytes + queue.unacked_bytes,
+        queue.ready_bytes,
+        queue.unacked_bytes,
+        queue.leader,
+        next((c.tag for c in queue.consumers if c.exclusive), None),
+        queue.last_used_ms,
     )
 
 
@@ -88,3 +98,56 @@ def bindings(broker: Broker, vhost: str) -> Iterator[BindingView]:
         yield BindingView(
             vhost, b.source.name, b.destination.name, kind, b.routing_key, dict(b.arguments)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerView:
+    """A consumer held by this model (a proxy channel's too: `channel` is then another
+    node's connection's channel)."""
+
+    vhost: str
+    queue: str
+    tag: str
+    channel: ChannelRef
+    no_ack: bool
+    exclusive: bool
+    priority: int
+    prefetch: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCounts:
+    """What the model knows of one channel: its qos and its deliveries."""
+
+    prefetch: int  # basic.qos(global=False)
+    global_prefetch: int
+    unacked: int
+    consumers: int
+
+
+def consumers(broker: Broker) -> Iterator[ConsumerView]:
+    """Every consumer, channel by channel (in channel-open order), then subscription order."""
+    for channel in list(broker.channels.values()):
+        for c in list(channel.consumers.values()):
+            q = c.queue
+            yield ConsumerView(
+                q.vhost,
+                q.name,
+                c.tag,
+                channel.ref,
+                c.no_ack,
+                c.exclusive,
+                c.priority,
+                c.prefetch,
+                c.active,
+            )
+
+
+def channel_counts(broker: Broker, ref: ChannelRef) -> ChannelCounts | None:
+    channel = broker.channels.get(ref)
+    if channel is None:
+        return None
+    return ChannelCounts(
+        channel.prefetch, channel.global_prefetch, len(channel.unacked), len(channel.consumers)
+    )

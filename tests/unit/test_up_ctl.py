@@ -301,6 +301,19 @@ def fake_node() -> Iterator[FakeNode]:
     router.add("GET", "/api/queues", answer(queues))
     router.add("GET", "/api/exchanges", answer([]))
     router.add("GET", "/api/bindings", not_json)
+    consumers = [
+        {
+            "consumer_tag": "ctag-1",
+            "queue": {"name": "tasks", "vhost": "/"},
+            "channel_details": {"name": "1.2.3.4:5 -> 6.7.8.9:5672 (1)", "node": "warren-2"},
+            "ack_required": True,
+            "prefetch_count": 10,
+            "exclusive": False,
+            "active": True,
+        }
+    ]
+    router.add("GET", "/api/consumers", answer(consumers))
+    router.add("GET", "/api/queues/{vhost}", answer(queues[:1]))
     server = HttpServer(
         router,
         host="127.0.0.1",
@@ -391,6 +404,25 @@ def test_ctl_list(fake_node: FakeNode) -> None:
         "q2     /      quorum   no              0",
     ]
     assert _ctl(fake_node.url, "list", "exchanges") == (0, "no exchanges\n", "")
+
+
+def test_ctl_listing_commands_nested_columns_and_vhost(fake_node: FakeNode) -> None:
+    code, out, _ = _ctl(fake_node.url, "consumers")
+    assert code == 0
+    assert out.splitlines() == [
+        "consumer tag  vhost  queue  channel                        ack required"
+        "  prefetch count  exclusive  active  node",
+        "ctag-1        /      tasks  1.2.3.4:5 -> 6.7.8.9:5672 (1)  yes                       10"
+        "  no         yes     warren-2",
+    ]
+    code, out, _ = _ctl(fake_node.url, "queues", "--vhost", "/")
+    assert (code, out.splitlines()[1].split()[0]) == (0, "tasks")
+    assert fake_node.requests[-1][:2] == ("GET", "/api/queues/%2F")
+    code, out, _ = _ctl(fake_node.url, "--json", "queues")
+    assert json.loads(out)[1]["name"] == "q2"
+    code, _, err = _ctl(fake_node.url, "list", "connections", "--vhost", "/")
+    assert code == 2
+    assert "--vhost" in err
 
 
 def test_ctl_errors_are_one_line_and_exit_2(fake_node: FakeNode) -> None:
