@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ class Netns:
     names: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     blackholes: list[tuple[str, str]] = field(default_factory=list)  # (ns, address)
+    forward_rule: tuple[str, ...] = ()  # the iptables FORWARD rule added, if any
 
     def host(self, i: int) -> str:
         return f"10.77.{self.base + i}.2"
@@ -51,6 +53,16 @@ class Netns:
         for link in self.links:
             with open(f"/proc/sys/net/ipv4/conf/{link}/forwarding", "w") as f:
                 f.write("1")
+        # A Docker engine on the machine sets the FORWARD policy to DROP: accept what goes
+        # between these veths (first rule), and only that.
+        if shutil.which("iptables"):
+            veths = f"wv{self.tag}r+"
+            rule = ("FORWARD", "-i", veths, "-o", veths, "-j", "ACCEPT")
+            done = subprocess.run(
+                ["iptables", "-w", "5", "-I", *rule], capture_output=True, text=True, timeout=10
+            )
+            if done.returncode == 0:
+                self.forward_rule = rule
 
     def cluster_options(self) -> dict[str, Any]:
         """`start_cluster` options for a cluster with node i in namespace i."""
@@ -92,6 +104,10 @@ class Netns:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
         for link in self.links:  # gone with its peer's namespace, normally
             subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=10)
+        if self.forward_rule:
+            subprocess.run(
+                ["iptables", "-w", "5", "-D", *self.forward_rule], capture_output=True, timeout=10
+            )
 
 
 def free_base() -> int:
