@@ -261,6 +261,26 @@ class NodeCollector(Collector):
             "Channels currently open",
             value=sum(len(c.channels) for c in connections),
         )
+        # RabbitMQ's global gauges count at the client's node: publishing connections, and
+        # the consumers of its channels (attached here or at another node's queue leader).
+        state = self.node.state
+        consumers = 0
+        for conn in connections:
+            for channel in list(conn.channels.values()):
+                counts = state.channel_counts(channel.ref)
+                consumers += len(channel.remote_consumers) + (counts.consumers if counts else 0)
+        publishers = GaugeMetricFamily(
+            "rabbitmq_global_publishers",
+            "Current number of message publishers",
+            labels=["protocol"],
+        )
+        publishers.add_metric([PROTOCOL], sum(1 for c in connections if c.publisher))
+        yield publishers
+        family = GaugeMetricFamily(
+            "rabbitmq_global_consumers", "Current number of message consumers", labels=["protocol"]
+        )
+        family.add_metric([PROTOCOL], consumers)
+        yield family
 
     def _queues(self) -> Iterator[Metric]:
         led = list(self._led_queues())

@@ -321,6 +321,38 @@ def test_connection_and_channel_gauges_and_churn(cluster: Cluster, ports: list[i
         assert value(scrape(port), "rabbitmq_connections") == 0
 
 
+def test_global_publishers_and_consumers_count_at_the_clients_node(
+    cluster: Cluster, ports: list[int]
+) -> None:
+    """A consumer on w2 of a queue led by w1 counts on w2 (rabbitmq_consumers, the queue's
+    figure, stays on w1); a publishing connection counts on its node."""
+    queue = unique("gc")
+    owner = cluster.nodes[0].connect()
+    client = cluster.nodes[1].connect()
+    try:
+        owner.channel().queue_declare(queue)
+        channel = client.channel()
+        channel.basic_consume(queue, lambda *_: None, auto_ack=True)
+        channel.basic_consume(queue, lambda *_: None, auto_ack=True)
+        channel.basic_publish("", queue, b"x")
+
+        def figures() -> tuple[float, ...]:
+            on = [scrape(p) for p in ports]
+            label = {"protocol": "amqp091"}
+            return (
+                value(on[1], "rabbitmq_global_consumers", **label),
+                value(on[1], "rabbitmq_global_publishers", **label),
+                value(on[0], "rabbitmq_global_consumers", **label),
+            )
+
+        wait_until(lambda: figures() == (2, 1, 0), COUNTER_WAIT_S, "consumers 2 / publishers 1")
+    finally:
+        with contextlib.suppress(Exception):
+            owner.channel().queue_delete(queue)
+        owner.close()
+        client.close()
+
+
 def test_queue_churn_counters(cluster: Cluster, ports: list[int]) -> None:
     def churn() -> list[float]:
         s = scrape(ports[2])
