@@ -197,6 +197,7 @@ class ClusterNode:
         self._started = time.monotonic()
         self._leader_since = time.monotonic()
         self._tg: TaskGroup | None = None
+        self._stopping = False  # run() is on its way out: spawn() starts nothing new
         self.ready = anyio.Event()
         self.leader_changes = 0
         self._last_leader: str | None = None
@@ -269,6 +270,7 @@ class ClusterNode:
                 task_status.started()
                 await anyio.sleep_forever()
             finally:
+                self._stopping = True
                 with anyio.CancelScope(shield=True):
                     raft = self._raft
                     self._raft = None
@@ -502,8 +504,13 @@ class ClusterNode:
         self.commit_latency.observe(latency)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run `fn(*args)` (async) in the node's task group; a bug in it is logged."""
+        """Run `fn(*args)` (async) in the node's task group; a bug in it is logged.
+        Nothing starts once the node is stopping: a task that fails at once in the
+        cancelled group and spawns its own retry (DurableLog._submit) would otherwise
+        spin forever and keep the group, and so the process, from ending on SIGTERM."""
         assert self._tg is not None
+        if self._stopping:
+            return
 
         async def guarded() -> None:
             try:

@@ -379,12 +379,14 @@ def _port_problem(host: str, port: int) -> str | None:
 
 
 from node.ctl import ctl_group  # noqa: E402
+from node.health import healthcheck_command  # noqa: E402
 from node.up import up_command  # noqa: E402
 from node.verify import verify_command  # noqa: E402
 
 main.add_command(up_command)
 main.add_command(ctl_group)
 main.add_command(verify_command)
+main.add_command(healthcheck_command)
 
 
 if __name__ == "__main__":
