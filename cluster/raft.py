@@ -118,6 +118,9 @@ _DUMP_TRAILER: Final = struct.Struct(">QI")  # the snapshot's length and CRC-32
 _RETRY_DELAY_S: Final = 0.02
 # pysyncobj wraps an entry in a type byte and a pickled (method id, args) tuple.
 _ENTRY_OVERHEAD: Final = 4096
+# How long a peer's resolved address, and a failed lookup of it, are trusted (seconds).
+DNS_CACHE_S: Final = 5.0
+DNS_FAIL_CACHE_S: Final = 1.0
 _ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
 # What pysyncobj's own FileJournal writes first (an older Warren's data dir).
 _PYSYNCOBJ_JOURNAL_MAGIC: Final = b"PYSYNCOBJ"
@@ -451,6 +454,12 @@ class RaftNode:
             raftMaxTimeout=config.raft_max_timeout,
             connectionTimeout=config.connection_timeout,
             connectionRetryTime=config.connection_retry_time,
+            # Peers named by host name (docker-compose service names) change address when
+            # their container is recreated, and have none while it is down: pysyncobj's
+            # defaults would keep a stale address for 600 s and a failed lookup for 30 s
+            # before trying again, so a restarted member would rejoin that late.
+            dnsCacheTime=DNS_CACHE_S,
+            dnsFailCacheTime=DNS_FAIL_CACHE_S,
             leaderFallbackTimeout=config.leader_fallback_timeout,
             commandsQueueSize=config.commands_queue_size,
             appendEntriesBatchSizeBytes=config.max_entry_bytes + _ENTRY_OVERHEAD,

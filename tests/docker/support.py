@@ -250,9 +250,9 @@ class ComposeCluster:
     healthy_after_s: float = 0.0
 
     @classmethod
-    def create(cls, project: str, image: str) -> ComposeCluster:
+    def create(cls, project: str, image: str, compose: list[str] | None = None) -> ComposeCluster:
         ports = free_ports(9)
-        return cls(project, image, compose_command(), ports[0:3], ports[3:6], ports[6:9])
+        return cls(project, image, compose or compose_command(), ports[0:3], ports[3:6], ports[6:9])
 
     @property
     def env(self) -> dict[str, str]:

@@ -7,9 +7,11 @@ stop` (SIGTERM) stops a node gracefully within Docker's 10 s.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pika
 import pytest
@@ -33,6 +35,20 @@ PERSISTENT = pika.BasicProperties(delivery_mode=2)
 STOP_LIMIT_S = 10.0  # docker stop's default grace before SIGKILL
 
 
+def _consume(channel: Any, queue: str, count: int) -> list[bytes]:
+    """Up to `count` bodies from `queue`, acked one by one (stops after 5 s of silence)."""
+    got: list[bytes] = []
+    for method, _props, body in channel.consume(queue, inactivity_timeout=5):
+        if method is None:
+            break
+        got.append(body)
+        channel.basic_ack(method.delivery_tag)
+        if len(got) == count:
+            break
+    channel.cancel()
+    return got
+
+
 def _check_config(compose: list[str]) -> None:
     cmd = [*compose, "-f", str(COMPOSE_FILE)]
     run([*cmd, "config", "-q"], 60, cwd=REPO_ROOT)
@@ -41,8 +57,18 @@ def _check_config(compose: list[str]) -> None:
     volumes = set(run([*cmd, "config", "--volumes"], 60, cwd=REPO_ROOT).stdout.split())
     assert volumes == VOLUMES
     full = run([*cmd, "config"], 60, cwd=REPO_ROOT).stdout
-    for port in ("5672:5672", "5673:5672", "5674:5672", "15672:15672", "15694:15692", "3000"):
-        assert port in full, f"{port} not published"
+    if compose == compose_v2():
+        # v2 renders ports in the long syntax: compare what its JSON says instead.
+        config = json.loads(run([*cmd, "config", "--format", "json"], 60, cwd=REPO_ROOT).stdout)
+        published = {
+            f"{p['published']}:{p['target']}"
+            for service in config["services"].values()
+            for p in service.get("ports", [])
+        }
+    else:  # v1: "- 127.0.0.1:5673:5672/tcp"
+        published = {f"{a}:{b}" for a, b in re.findall(r"(\d+):(\d+)/tcp", full)}
+    for port in ("5672:5672", "5673:5672", "5674:5672", "15672:15672", "15694:15692", "3000:3000"):
+        assert port in published, f"{port} not published ({sorted(published)})"
     assert "node1=node1:4321 node2=node2:4321 node3=node3:4321" in full
     assert "WARREN_CLUSTER_SECRET" in full
 
@@ -104,22 +130,50 @@ def test_pika_through_every_node(compose_cluster: ComposeCluster) -> None:
             ch.confirm_delivery()
             for n in range(50):
                 ch.basic_publish("", queue, f"m{n}".encode(), PERSISTENT)
-            got = []
-            ch = conns[2].channel()
-            for method, _props, body in ch.consume(queue, inactivity_timeout=5):
-                if method is None:
-                    break
-                got.append(body)
-                ch.basic_ack(method.delivery_tag)
-                if len(got) == 50:
-                    break
-            ch.cancel()
-            assert got == [f"m{n}".encode() for n in range(50)]
+            assert _consume(conns[2].channel(), queue, 50) == [f"m{n}".encode() for n in range(50)]
             conns[2].channel().queue_delete(queue)
         finally:
             for conn in conns:
                 if conn.is_open:
                     conn.close()
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+def test_the_other_compose_runs_the_cluster_too(compose_cluster: ComposeCluster) -> None:
+    """The session's cluster runs with one Compose (v2 where installed); the other one
+    starts the same file's three nodes too, and they serve pika: `up -d`, healthy,
+    publish on node1 and consume on node3, `down -v`."""
+    others = [c for c in (compose_v2(), compose_v1()) if c and c != compose_cluster.compose]
+    if not others:
+        pytest.skip("only one Compose is installed here")
+    compose = others[0]
+    other = ComposeCluster.create(unique("warrenother"), compose_cluster.image, compose)
+    try:
+        other.up()
+        note(
+            f"docker: compose ({' '.join(compose)}) too: cluster healthy "
+            f"{other.healthy_after_s:.1f} s after `up`"
+        )
+        queue = unique("other")
+        publisher, consumer = other.connect(0), other.connect(2)
+        try:
+            ch = publisher.channel()
+            ch.queue_declare(queue, durable=True)
+            ch.confirm_delivery()
+            for n in range(20):
+                ch.basic_publish("", queue, f"m{n}".encode(), PERSISTENT)
+            assert _consume(consumer.channel(), queue, 20) == [f"m{n}".encode() for n in range(20)]
+        finally:
+            for conn in (publisher, consumer):
+                if conn.is_open:
+                    conn.close()
+    except BaseException:
+        if other.containers:
+            print(other.logs())
+        raise
+    finally:
+        other.down()
 
 
 @pytest.mark.docker
