@@ -44,6 +44,7 @@ import loadgen as lg
 log = logging.getLogger("bench_soak")
 A, B, C = 0, 1, 2
 SAMPLE_S = 5.0
+TABLE_EVERY_S = 60.0  # the report's table: a sample about this often
 
 
 def rss_bytes(pid: int) -> int:
@@ -144,12 +145,33 @@ def soak(c: bc.WarrenCluster, seconds: float) -> list[str]:
         "| t (s) | RSS A / B / C (MB) | data dir A / B / C (MB) | messages logged by A |",
         "|---|---|---|---|",
     ]
-    for t, rss, disk, logged in samples:
+    every = max(1, round(TABLE_EVERY_S / SAMPLE_S))  # a long soak: a row per minute or so
+    for k, (t, rss, disk, logged) in enumerate(samples):
+        if k % every and k != len(samples) - 1:
+            continue
         lines.append(
             f"| {t:.0f} | {' / '.join(f'{r / 2**20:.0f}' for r in rss)} | "
             f"{' / '.join(f'{d / 2**20:.1f}' for d in disk)} | {logged:,} |"
         )
+    lines += _flatness(samples)
     bn._cleanup(c.endpoint(A), [queue])
+    return lines
+
+
+def _flatness(samples: list[tuple[float, list[int], list[int], int]]) -> list[str]:
+    """Is it flat? Each node's RSS and data dir, the highest in each third of the soak."""
+    if len(samples) < 3:
+        return []
+    third = len(samples) // 3
+    parts = [samples[:third], samples[third : 2 * third], samples[2 * third :]]
+    lines = ["", "highest in each third of the soak (first / second / last):", ""]
+    for i, label in enumerate("ABC"):
+        rss = [max(s[1][i] for s in part) / 2**20 for part in parts]
+        disk = [max(s[2][i] for s in part) / 2**20 for part in parts]
+        lines.append(
+            f"- node {label}: RSS {' / '.join(f'{r:.0f}' for r in rss)} MB, "
+            f"data dir {' / '.join(f'{d:.0f}' for d in disk)} MB"
+        )
     return lines
 
 
