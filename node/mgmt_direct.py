@@ -129,30 +129,33 @@ class DirectConnection:
     async def call(self, method: base.Frame) -> list[Sent]:
         """Handle `method` on the channel; what it answered. A channel error closes the
         channel (a fresh one takes the next call) and raises DirectError."""
-        recorder = self.proto
-        assert isinstance(recorder, _Recorder)
-        recorder.sent = []
         channel = self.channel
-        try:
+
+        async def step() -> None:
             channel.handle_method(method)
             await self._settle(channel)
-        except ChannelError as exc:
-            self._reset()
-            raise DirectError(exc.error) from None
-        finally:
-            self.node.dispatch()
-        return recorder.sent
+
+        return await self._recorded(step)
 
     async def publish(
         self, exchange: str, routing_key: str, properties: bytes, body: bytes, mandatory: bool
     ) -> list[Sent]:
         """basic.publish (not in confirm mode): what the channel answered (basic.return)."""
+        content = ChannelContent(CHANNEL, exchange, routing_key, mandatory, False, properties, body)
+
+        async def step() -> None:
+            self.channel.handle_publish(content)
+
+        return await self._recorded(step)
+
+    async def _recorded(self, step: Callable[[], Awaitable[None]]) -> list[Sent]:
+        """Run `step` on the channel; what the channel sent meanwhile. A channel error
+        closes the channel (a fresh one takes the next call) and raises DirectError."""
         recorder = self.proto
         assert isinstance(recorder, _Recorder)
         recorder.sent = []
-        content = ChannelContent(CHANNEL, exchange, routing_key, mandatory, False, properties, body)
         try:
-            self.channel.handle_publish(content)
+            await step()
         except ChannelError as exc:
             self._reset()
             raise DirectError(exc.error) from None

@@ -9,7 +9,6 @@ ports) and to the containers and networks these tests create.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -21,15 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.support import wait_until
+from tests.cluster.support import http_get, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -39,7 +36,6 @@ NODES = ("node1", "node2", "node3")
 HEALTHY_TIMEOUT_S = 120.0  # compose up to all three healthy (measured: ~10 s)
 SETTLE_TIMEOUT_S = 60.0  # after chaos: every member reachable from every node again
 BASE_BUILD_TIMEOUT_S = 600.0  # debootstrap (about a minute on CI's kind of machine)
-_AUTH = "Basic " + base64.b64encode(b"guest:guest").decode()
 # What the run measured (image size, time to healthy, failover counts): conftest prints
 # these lines in pytest's terminal summary, so a passing CI run shows them too.
 NOTES: list[str] = []
@@ -220,22 +216,6 @@ def image_info(tag: str = IMAGE) -> dict[str, Any]:
 # --- the compose project -------------------------------------------------------------------
 
 
-def http_get(url: str, timeout: float = 3.0, *, auth: bool = True) -> tuple[int, Any]:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", _AUTH)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-        exc.close()
-    try:
-        return status, json.loads(body) if body else None
-    except ValueError:
-        return status, None
-
-
 @dataclass
 class ComposeCluster:
     """node1..node3 of docker-compose.yml as one compose project on free host ports."""
@@ -352,12 +332,12 @@ class ComposeCluster:
         return pika.BlockingConnection(params)
 
     def status(self, i: int) -> dict[str, Any]:
-        status, body = http_get(f"{self.management_url(i)}/api/warren/cluster")
+        status, body = http_get(f"{self.management_url(i)}/api/warren/cluster", 3.0)
         assert status == 200, (status, body)
         return dict(body)
 
     def queue_leader(self, i: int, queue: str) -> str | None:
-        status, body = http_get(f"{self.management_url(i)}/api/queues")
+        status, body = http_get(f"{self.management_url(i)}/api/queues", 3.0)
         assert status == 200, (status, body)
         found = [q for q in body if q["name"] == queue]
         return str(found[0]["node"]) if found else None
