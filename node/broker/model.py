@@ -1501,8 +1501,11 @@ class Broker:
                 channel.unacked[tag] = (queue, message, chosen)
                 chosen.unacked += 1
                 channel.consumer_unacked += 1
-            if queue.counts_deliveries:
-                message = self._stamped(message)  # unacked keeps the stored one
+            if queue.counts_deliveries and message.delivery_count > 1:
+                # Returned before: stamped (the unacked entry keeps the stored copy). A
+                # first delivery to a consumer goes unstamped, as RabbitMQ 3.10's quorum
+                # queues do (basic.get stamps 0 there; see `get`).
+                message = self._stamped(message)
             effects.append(
                 Deliver(channel.ref, chosen.tag, tag, message.redelivered, message, chosen.no_ack)
             )

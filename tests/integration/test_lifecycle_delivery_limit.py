@@ -3,9 +3,10 @@
 RabbitMQ 3.10 applies x-delivery-limit to quorum queues only (a classic queue refuses the
 argument), so these tests declare durable quorum queues. Every expectation was read from
 RabbitMQ 3.10 (WARREN_TEST_BROKER_URL). Rules:
-- A quorum queue stamps `x-delivery-count` (a long) on every delivery, 0 on the first
+- A quorum queue stamps `x-delivery-count` (a long) on every basic.get, 0 on the first
   (3.10 does this even without a limit); each return (nack/reject with requeue, channel
-  close) adds one.
+  close) adds one. A consumer's first delivery is not stamped (3.10's quirk), its
+  deliveries after a return are.
 - With limit N, the message is delivered N+1 times; the return after that drops it, or
   dead-letters it with reason `delivery_limit` (the dead copy has no x-delivery-count).
 - Names are unique per test (`pika_env`), so the tests share one broker.
@@ -140,6 +141,25 @@ def test_without_a_limit_quorum_redelivers_forever_and_counts(pika_env: Any) -> 
         counts.append(delivery_count(props))
         ch.basic_nack(method.delivery_tag, requeue=True)
     assert counts == [0, 1, 2, 3]
+
+
+def test_consume_stamps_only_deliveries_after_a_return(pika_env: Any) -> None:
+    queue = quorum(pika_env)
+    ch = pika_env.channel(confirm=True)
+    ch.basic_publish("", queue, b"m", pika.BasicProperties(headers={"h": "v"}))
+    seen = []
+    for method, props, body in ch.consume(queue, inactivity_timeout=DEADLINE_S):
+        assert method is not None, f"no delivery from {queue} in {DEADLINE_S}s"
+        count = props.headers.get("x-delivery-count")
+        seen.append((body, method.redelivered, None if count is None else int(count)))
+        if len(seen) == 3:
+            ch.basic_ack(method.delivery_tag)
+            break
+        ch.basic_nack(method.delivery_tag, requeue=True)
+    ch.cancel()
+    assert seen == [(b"m", False, None), (b"m", True, 1), (b"m", True, 2)]
+    assert type(props.headers["x-delivery-count"]) is long
+    assert props.headers["h"] == "v"
 
 
 def test_reject_without_requeue_is_not_a_delivery_limit_death(pika_env: Any) -> None:
