@@ -84,6 +84,8 @@ class Host(Protocol):
 
     def note_publish(self) -> None: ...
 
+    def confirms_due(self, channel: Channel) -> None: ...
+
     def run_async(
         self, channel: Channel, op: Callable[[], Awaitable[Any]], done: Callable[[Any], None]
     ) -> None: ...
@@ -270,7 +272,8 @@ class Channel:
         contiguous sequence numbers are due, as RabbitMQ does."""
         upto = self._confirm_count
         if self._pending:  # queue leaders still to answer: confirm up to the first
-            upto = min(self._pending) - 1
+            # (sequence numbers enter in increasing order, so the first key is the least)
+            upto = next(iter(self._pending)) - 1
         due = upto - self._confirm_sent
         if due <= 0:
             return
@@ -427,7 +430,9 @@ class Channel:
             return
         waiting.discard(seq)
         self._settle_pending(seq, ok)
-        self.flush_confirms()
+        # Sent when the connection flushes: the confirms of one Raft entry (or one link
+        # read) go out as one multiple=true basic.ack, not one per publish.
+        self.host.confirms_due(self)
 
     def _settle_pending(self, seq: int, ok: bool) -> None:
         if not ok:

@@ -113,6 +113,9 @@ class DirectConnection:
     def note_publish(self) -> None:
         pass
 
+    def confirms_due(self, channel: Channel) -> None:
+        channel.flush_confirms()  # (never in confirm mode: nothing to send)
+
     def run_async(
         self, channel: Channel, op: Callable[[], Awaitable[Any]], done: Callable[[Any], None]
     ) -> None:

@@ -381,6 +381,7 @@ class ClientConnection:
             now=time.monotonic(),
         )
         self.channels: dict[int, Channel] = {}
+        self._confirms_due: dict[Channel, None] = {}
         # Host protocol: channels run commands straight on the node (one call layer less).
         self.execute: Callable[[cmd.AnyCommand], Reply] = node.execute
         self.reply_address: Callable[[ChannelRef], str | None] = node.state.reply_address
@@ -820,7 +821,17 @@ class ClientConnection:
         self._out_bytes += len(data)
         self._out_ready.set()
 
+    def confirms_due(self, channel: Channel) -> None:
+        """`channel` has confirms to send: at the next flush (the caller marks this
+        connection dirty)."""
+        self._confirms_due[channel] = None
+
     def _flush_pending(self) -> None:
+        if self._confirms_due:
+            due, self._confirms_due = self._confirms_due, {}
+            for channel in due:
+                if not channel.closed:
+                    channel.flush_confirms()
         data = self.proto.data_to_send()
         if data:
             self._enqueue(data)
