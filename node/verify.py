@@ -521,6 +521,7 @@ class Settings:
     timeout: float
     drain_idle: float
     purge: bool
+    duration: float | None = None  # stop starting new messages after this long
 
 
 def _transient(reason: BaseException) -> bool:
@@ -771,6 +772,16 @@ class Publisher(_Client):
                 self.run.ioloop.call_later(self.pause_until - now, self._scheduled_fill)
             return
         count = self.ledger.count
+        duration = self.run.settings.duration
+        first = self.ledger.first_publish
+        over = duration is not None and first is not None and now - first >= duration
+        if over and self.next_fresh < count:
+            # --duration: the run is the messages started so far (retries go on).
+            count = self.ledger.count = self.next_fresh
+            self.log.info("verify.duration_reached", seconds=duration, count=count)
+            if self.ledger.confirmed_count == count:
+                self.run.published_all()
+                return
         while len(self.inflight) < self.window:
             if self.retry:
                 index = self.retry.popleft()
@@ -1278,6 +1289,13 @@ def _wait(run: Run) -> None:
     help="Body size in bytes (never less than the message id).",
 )
 @click.option(
+    "--duration",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Publish new messages for at most this many seconds; the run is then the "
+    "messages started by then (at most --count), each confirmed and received or lost.",
+)
+@click.option(
     "--inflight",
     type=click.IntRange(1, 65535),
     default=256,
@@ -1346,6 +1364,7 @@ def verify_command(
     queue_type: str,
     size: int,
     inflight: int,
+    duration: float | None,
     chaos: str | None,
     chaos_nodes: str | None,
     chaos_every: float,
@@ -1380,7 +1399,9 @@ def verify_command(
     configure(log_level)
     if log_level != "debug":  # pika logs every failed connection attempt; we log our own
         logging.getLogger("pika").setLevel(logging.CRITICAL)
-    settings = Settings(urls, count, queue, queue_type, size, inflight, timeout, drain_idle, purge)
+    settings = Settings(
+        urls, count, queue, queue_type, size, inflight, timeout, drain_idle, purge, duration
+    )
     run = Run(settings, EventLogger(logging.getLogger("warren.verify")), api, plan)
     with _sigterm_interrupts():
         _wait(run)

@@ -81,6 +81,27 @@ def test_every_confirmed_message_is_received_once(
     assert "event=verify.done" in result.stderr
 
 
+def test_a_duration_bounds_the_run_by_time(broker_url: str, pika_env: Any) -> None:
+    queue = pika_env.name("verify")
+    pika_env.queues.append(queue)
+    started = time.monotonic()
+    result = verify(
+        "--url", broker_url, "--count", "100000000", "--duration", "1.5", "--queue", queue,
+        "--timeout", "45", "--json",
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    summary = summary_of(result)
+    assert 0 < summary["count"] < 100_000_000
+    assert summary["confirmed"] == summary["received"] == summary["count"]
+    assert summary["lost"] == summary["duplicates"] == 0
+    assert summary["complete"] is True
+    assert summary["ok"] is True
+    assert 1.5 <= summary["publish_seconds"] < 10
+    assert took < 30
+    assert "event=verify.duration_reached" in result.stderr
+
+
 def test_the_table_says_ok(broker_url: str, pika_env: Any) -> None:
     queue = pika_env.name("verify")
     pika_env.queues.append(queue)
