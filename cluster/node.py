@@ -43,6 +43,7 @@ from prometheus_client import Histogram
 from cluster import codec, placement, wire
 from cluster import commands as c
 from cluster.durable import MAX_ENTRY_BYTES, DurableLog
+from cluster.leadership import TRANSFER_TIMEOUT_S, LeadershipFollowsLoad
 from cluster.link import NodeLink
 from cluster.raft import MaybeApplied, NotApplied, RaftClosed, RaftConfig, RaftError, RaftNode
 from cluster.state import StateMachine
@@ -126,6 +127,7 @@ class ClusterConfig:
     queue_leader_locator: str = "client-local"
     durability: str = "fsync"  # or "os-cache" (cluster/journal.py)
     compaction_entries: int = 5000  # Raft log entries before a snapshot
+    leader_follows_load: bool = True  # cluster/leadership.py
 
     @property
     def raft_address(self) -> str:
@@ -204,6 +206,7 @@ class ClusterNode:
         self.forwarded_messages = 0
         self.forwarded_bytes = 0
         self.durable = DurableLog(self)
+        self.leadership = LeadershipFollowsLoad(config.name, enabled=config.leader_follows_load)
         # From submitting an entry to applying it here (committed on a majority).
         self.commit_latency = Histogram(
             "warren_raft_commit_latency_seconds",
@@ -213,6 +216,8 @@ class ClusterNode:
         )
         self.last_commit_latency = 0.0
         self._entry_waiters: dict[bytes, asyncio.Future[list[Outcome | None]]] = {}
+        # Durable-log entries written here and not applied yet: entry bytes -> commands.
+        self._own_entries: dict[bytes, list[tuple[c.AnyCommand, bytes | None]]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -342,13 +347,17 @@ class ClusterNode:
         return b""
 
     def _apply_entry(self, entry: bytes) -> None:
-        try:
-            entries = codec.decode_entry(entry)
-        except codec.CodecError as exc:
-            self.log.error("raft.entry_undecodable", size=len(entry), reason=str(exc))
-            return
+        entries = self._own_entries.pop(entry, None)
+        if entries is None:
+            try:
+                entries = codec.decode_entry(entry)
+            except codec.CodecError as exc:
+                self.log.error("raft.entry_undecodable", size=len(entry), reason=str(exc))
+                return
         state = self.shell.state
         outcomes = state.apply_logged(entries)
+        if entries and type(entries[0][0]) in _DURABLE and entries[0][1] is not None:
+            self.leadership.count(_origin(entries[0][1]), len(entries))
         if entries and entries[0][1] is not None:
             entry_waiter = self._entry_waiters.pop(entries[0][1], None)
             if entry_waiter is not None and not entry_waiter.done():
@@ -447,7 +456,7 @@ class ClusterNode:
         started = time.perf_counter()
         try:
             try:
-                await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
+                await raft.submit_async(entry, REPLICATE_TIMEOUT_S, idempotent=True)
             except NotApplied as exc:
                 raise unavailable(self.name, f"no Raft quorum ({exc})") from None
             except (MaybeApplied, RaftClosed) as exc:
@@ -480,11 +489,16 @@ class ClusterNode:
         waiter: asyncio.Future[list[Outcome | None]] = asyncio.get_running_loop().create_future()
         self._entry_waiters[command_id] = waiter
         ids: list[bytes | None] = [command_id] + [None] * (len(commands) - 1)
+        entry = b""
         try:
             entry = codec.encode_batch(commands, command_ids=ids)
+            # Applied here from these very commands, not decoded again (the codec gives
+            # back equal ones, tests/unit/cluster/test_codec.py): a batch of persistent
+            # messages is the hot path, and this node applies every entry it writes.
+            self._own_entries[entry] = list(zip(commands, ids, strict=True))
             started = time.perf_counter()
             try:
-                await raft.submit_async(entry, REPLICATE_TIMEOUT_S)
+                await raft.submit_async(entry, REPLICATE_TIMEOUT_S, idempotent=True)
             except (RaftError, ValueError) as exc:
                 if not waiter.done():
                     self.log.warning(
@@ -498,6 +512,7 @@ class ClusterNode:
             return None
         finally:
             self._entry_waiters.pop(command_id, None)
+            self._own_entries.pop(entry, None)
 
     def _committed(self, started: float) -> None:
         self.last_commit_latency = latency = time.perf_counter() - started
@@ -803,6 +818,7 @@ class ClusterNode:
                 self._last_leader = status.leader
                 self._leader_since = now
                 self.log.info("raft.leader", leader=status.leader, term=status.term)
+            self._follow_load(now, status.role == "leader")
             if status.role != "leader" or now - self._started < STARTUP_GRACE_S:
                 continue
             # Judge members only as a leader that has been one for a while (its links may
@@ -823,6 +839,25 @@ class ClusterNode:
                         )
                 elif not member.alive and up:
                     await self._replicate_quietly(c.NodeUp(now_ms=_now_ms(), node=member.name))
+
+    def _follow_load(self, now: float, leading: bool) -> None:
+        """Hand Raft leadership to the node writing the most durable entries (see
+        cluster/leadership.py), once this node has led for a while."""
+        steady = leading and now - self._leader_since >= STARTUP_GRACE_S
+        members = self.shell.state.members
+        candidates = [
+            name for name, m in members.items() if m.alive and m.raft and self._link.is_up(name)
+        ]
+        target = self.leadership.check(now, steady, candidates)
+        if target is None or self._raft is None:
+            return
+        raft, address = self._raft, _address(members[target].raft)
+
+        def start() -> asyncio.Future[bool]:
+            return asyncio.wrap_future(raft.transfer_leadership(address, TRANSFER_TIMEOUT_S))
+
+        self.log.info("raft.leadership_transfer", target=target)
+        self.spawn(self.leadership.transfer, target, start, self.log.info)
 
     async def _replicate_quietly(self, command: c.AnyCommand) -> None:
         try:
@@ -874,6 +909,8 @@ class ClusterNode:
                 "last_applied": raft_status.last_applied if raft_status else 0,
                 "has_quorum": quorum,
                 "leader_changes": self.leader_changes,
+                "leader_follows_load": self.leadership.enabled,
+                "leadership_transfers": self.leadership.transfers,
             },
             "members": members,
             "queues": sum(counts.values()),
@@ -935,6 +972,9 @@ def _address(text: str) -> tuple[str, int]:
     """ "host:port" (as members announce their addresses) as a socket address."""
     host, _, port = text.rpartition(":")
     return host, int(port)
+
+
+_DURABLE: Final = (c.Persist, c.Settle)  # a durable-log entry starts with one of these
 
 
 def _origin(command_id: bytes) -> str:

@@ -59,7 +59,8 @@ Outcomes of `submit`: the future resolves with `apply`'s result once the entry i
 committed and applied on THIS node (so a read on this node right after sees it). Failures
 that pysyncobj reports as definite (no leader, leader lost the entry, queue full) are
 retried inside the deadline and then raised as `NotApplied`; timeouts, LEADER_CHANGED and
-UNKNOWN_OUTCOME raise `MaybeApplied`: the entry may still be applied later, so commands
+UNKNOWN_OUTCOME raise `MaybeApplied` (LEADER_CHANGED is retried too for an `idempotent`
+submit): the entry may still be applied later, so commands
 must be idempotent (ids + de-duplication in the state machine).
 """
 
@@ -67,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import heapq
 import itertools
@@ -119,9 +121,13 @@ _RETRY_DELAY_S: Final = 0.02
 # pysyncobj wraps an entry in a type byte and a pickled (method id, args) tuple.
 _ENTRY_OVERHEAD: Final = 4096
 # How long a peer's resolved address, and a failed lookup of it, are trusted (seconds).
+# How long a leadership transfer may take before the held entries go out anyway.
+TRANSFER_TIMEOUT_S: Final = 1.0
 DNS_CACHE_S: Final = 5.0
 DNS_FAIL_CACHE_S: Final = 1.0
 _ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
+# pysyncobj's outcomes that mean "not in the log": submitted again within the deadline.
+_RETRIED: Final = (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED)
 # What pysyncobj's own FileJournal writes first (an older Warren's data dir).
 _PYSYNCOBJ_JOURNAL_MAGIC: Final = b"PYSYNCOBJ"
 
@@ -383,6 +389,23 @@ class _Replica(SyncObj):  # type: ignore[misc]
     def apply_entry(self, entry: bytes) -> bytes | _ApplyError:
         return self._warren_owner._apply_total(entry)
 
+    def _checkCommandsToApply(self) -> None:  # pysyncobj calls it by this name
+        # While this leader hands its leadership over, it appends nothing new (see
+        # RaftNode.transfer_leadership): its own and forwarded commands wait in
+        # pysyncobj's queue, and go to the new leader (or are refused as NOT_LEADER, and
+        # retried by their submitters) once it leads.
+        owner = self._warren_owner
+        if owner._transfer is not None and self._isLeader():
+            return
+        super()._checkCommandsToApply()
+
+    def notify_tick(self) -> None:
+        """Wake the tick thread now (pysyncobj's pipe notifier, there without batching);
+        else the next tick comes within auto_tick_period anyway."""
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -390,9 +413,21 @@ class _Pending:
     deadline: float
     resubmit: Callable[[Callable[[Any, int], None]], None]
     void: bool
+    idempotent: bool = False
     attempt: int = 0
     retry_at: float | None = None
     done: bool = False
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """A leadership transfer under way (see `RaftNode.transfer_leadership`)."""
+
+    target: str  # "host:port"
+    started: float
+    deadline: float
+    future: concurrent.futures.Future[bool]
+    sent: bool = False
 
 
 # --------------------------------------------------------------------------- the node
@@ -426,6 +461,7 @@ class RaftNode:
         self._retries: list[tuple[float, int]] = []
         self._ids = itertools.count(1)
         self._closed = False
+        self._transfer: _Transfer | None = None
         self._ready = threading.Event()
         # The background dump (see the module rules): SERIALIZING while its thread runs,
         # then SUCCESS or FAILED until pysyncobj's checker call reads it.
@@ -495,9 +531,15 @@ class RaftNode:
         return self._config
 
     def submit(
-        self, entry: bytes, timeout: float | None = None
+        self, entry: bytes, timeout: float | None = None, *, idempotent: bool = False
     ) -> concurrent.futures.Future[bytes]:
-        """Replicate `entry`; the future gets apply's result once applied on this node."""
+        """Replicate `entry`; the future gets apply's result once applied on this node.
+
+        `idempotent`: applying `entry` twice is harmless (its commands carry ids the
+        state machine skips when seen before). Then a LEADER_CHANGED outcome (an entry
+        forwarded to a leader that lost its leadership before saying where it logged
+        it, as after every leadership transfer) is submitted again within the
+        deadline, instead of failing as `MaybeApplied`."""
         if not isinstance(entry, bytes):
             raise TypeError("entries are bytes")
         if len(entry) > self._config.max_entry_bytes:
@@ -509,14 +551,16 @@ class RaftNode:
         def resubmit(cb: Callable[[Any, int], None]) -> None:
             self._replica.apply_entry(entry, callback=cb)
 
-        return self._start(resubmit, timeout)
+        return self._start(resubmit, timeout, idempotent=idempotent)
 
-    async def submit_async(self, entry: bytes, raft_timeout: float | None = None) -> bytes:
+    async def submit_async(
+        self, entry: bytes, raft_timeout: float | None = None, *, idempotent: bool = False
+    ) -> bytes:
         """`submit` for the event loop: the result is handed over via call_soon_threadsafe.
 
         `raft_timeout` is the deadline after which the outcome is `MaybeApplied` (not a
         cancellation: cancelling the awaiting task does not withdraw the entry)."""
-        return await asyncio.wrap_future(self.submit(entry, raft_timeout))
+        return await asyncio.wrap_future(self.submit(entry, raft_timeout, idempotent=idempotent))
 
     def add_member(
         self, address: Address, timeout: float | None = None
@@ -536,6 +580,33 @@ class RaftNode:
         return self._start(
             lambda cb: self._replica.removeNodeFromCluster(node, callback=cb), timeout, void=True
         )
+
+    def transfer_leadership(
+        self, to: Address, timeout: float = TRANSFER_TIMEOUT_S
+    ) -> concurrent.futures.Future[bool]:
+        """Hand Raft leadership to member `to` (Raft's TimeoutNow, pysyncobj's
+        `transferLeadership`); the future says whether `to` leads within `timeout`.
+
+        Only a leader transfers (False otherwise), one transfer at a time. Meanwhile
+        this leader appends nothing new, its own entries nor those other members forward
+        (`_Replica._checkCommandsToApply`): they wait in pysyncobj's queue until the
+        transfer ended either way, then go to the new leader (or are refused and retried
+        by their submitters, see `_on_result`). So the target catches up within a round
+        trip and is asked (each tick until it has every entry), and no entry is appended
+        after that: one would leave the target's log the shorter, this node would refuse
+        it its vote, and the entry would be lost to the new term (a nack for nothing).
+        Entries already in the log are the new leader's too (it had them all), so their
+        submitters get their outcomes as usual."""
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self._closed or self._transfer is not None:
+                future.set_result(False)
+                return future
+            now = time.monotonic()
+            self._transfer = _Transfer(_addr(to), now, now + timeout, future)
+        self._replica.notify_tick()
+        return future
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until this node has caught up with the leader's commit index once."""
@@ -602,12 +673,13 @@ class RaftNode:
         timeout: float | None,
         *,
         void: bool = False,
+        idempotent: bool = False,
     ) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         # RUNNING: a cancel from asyncio.wrap_future can no longer race our set_result.
         future.set_running_or_notify_cancel()
         limit = self._config.submit_timeout if timeout is None else timeout
-        pending = _Pending(future, time.monotonic() + limit, resubmit, void)
+        pending = _Pending(future, time.monotonic() + limit, resubmit, void, idempotent)
         with self._lock:
             if self._closed:
                 future.set_exception(RaftClosed("raft node is closed"))
@@ -632,8 +704,9 @@ class RaftNode:
             pending = self._pending.get(rid)
             if pending is None or pending.attempt != attempt:
                 return
-            if err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED):
-                # Definitely not in the log: try again in a few ticks if time remains.
+            if err in _RETRIED or (pending.idempotent and err == FAIL_REASON.LEADER_CHANGED):
+                # Definitely not in the log (or harmless if it is): try again in a few
+                # ticks if time remains.
                 now = time.monotonic()
                 if now + _RETRY_DELAY_S < pending.deadline:
                     pending.attempt += 1
@@ -674,6 +747,34 @@ class RaftNode:
             )
         for rid, pending in due:
             self._send(rid, pending)
+        if self._transfer is not None:
+            self._step_transfer(now)
+
+    def _step_transfer(self, now: float) -> None:
+        # Tick thread. Ask the target once it is up to date; done when someone else
+        # leads (or nobody does: an election is on), or at the deadline.
+        transfer = self._transfer
+        assert transfer is not None
+        replica = self._replica
+        leading = replica._isLeader()
+        if leading and not transfer.sent and now < transfer.deadline:
+            asked: list[int] = []
+            replica.transferLeadership(transfer.target, callback=lambda _r, err: asked.append(err))
+            transfer.sent = asked == [FAIL_REASON.SUCCESS]  # else not up to date yet
+        leader = replica._getLeader()
+        if (leading or leader is None) and now < transfer.deadline:
+            return
+        with self._lock:
+            self._transfer = None
+        moved = leader is not None and leader.address == transfer.target
+        logger.debug(
+            "raft leadership transfer to %s %s in %.0f ms",
+            transfer.target,
+            "done" if moved else "not done",
+            1000 * (now - transfer.started),
+        )
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            transfer.future.set_result(moved)
 
     def _finish(
         self, pending: _Pending, *, result: Any = None, exc: BaseException | None = None

@@ -237,6 +237,14 @@ def main() -> None:
     "journal (cluster; also every 5 minutes).",
 )
 @click.option(
+    "--raft-leader-follows-load/--no-raft-leader-follows-load",
+    envvar="WARREN_RAFT_LEADER_FOLLOWS_LOAD",
+    default=True,
+    show_default=True,
+    help="Hand Raft leadership to the node whose durable queues write the most (cluster; "
+    "saves a hop per persistent message, see the README's design section).",
+)
+@click.option(
     "--management-host", envvar="WARREN_MANAGEMENT_HOST", default=None,
     help="Address of the management HTTP API (default: --host).",
 )  # fmt: skip
@@ -278,6 +286,7 @@ def node(
     queue_leader_locator: str,
     durability: str,
     raft_compaction_entries: int,
+    raft_leader_follows_load: bool,
     management_host: str | None,
     management_port: int,
     metrics_port: int,
@@ -338,6 +347,7 @@ def node(
             queue_leader_locator=queue_leader_locator,
             durability=durability,
             compaction_entries=raft_compaction_entries,
+            leader_follows_load=raft_leader_follows_load,
         )
     for what, port_ in (("management", management_port), ("metrics", metrics_port)):
         problem = _port_problem(config.management_host, port_) if port_ else None

@@ -66,6 +66,7 @@ class Stream:
     first_seen: list[int] = field(default_factory=list)
     publisher_reconnects: int = 0
     consumer_reconnects: int = 0
+    nacks: int = 0  # publishes nacked or returned (each published again as a new attempt)
     errors: list[str] = field(default_factory=list)
     _stop_publishing: threading.Event = field(default_factory=threading.Event)
     _stop_consuming: threading.Event = field(default_factory=threading.Event)
@@ -163,6 +164,7 @@ class Stream:
                     try:
                         ch.basic_publish("", self.queue, body, props, mandatory=True)
                     except (pika.exceptions.NackError, pika.exceptions.UnroutableError):
+                        self.nacks += 1
                         time.sleep(0.05)
                         continue  # not taken: the same message again, a new attempt
                     self.confirmed.append(i)

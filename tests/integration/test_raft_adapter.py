@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,8 @@ def free_port() -> int:
 
 
 class ListMachine:
-    """Deterministic toy state: the list of applied entries; b"boom" raises."""
+    """Deterministic toy state: the list of applied entries; b"boom" raises; an entry
+    applied before is skipped (as Warren's state machine skips a command id it saw)."""
 
     def __init__(self) -> None:
         self.entries: list[bytes] = []
@@ -50,7 +52,8 @@ class ListMachine:
         if entry == b"boom":
             raise RuntimeError("boom")
         with self.lock:
-            self.entries.append(entry)
+            if entry not in self.entries:
+                self.entries.append(entry)
             return b"ok:%d" % len(self.entries)
 
     def snapshot(self) -> bytes:
@@ -239,6 +242,54 @@ def test_submit_async_and_minority_refusal(make_cluster: Callable[..., list[Memb
         follower.node.submit(b"lonely", timeout=1.0).result(timeout=5)
     assert time.monotonic() - started < 2.5
     assert b"lonely" not in follower.machine.copy()
+
+
+@pytest.mark.timeout(40)
+def test_leadership_transfer_under_a_stream_of_submits_loses_nothing(
+    make_cluster: Callable[..., list[Member]],
+) -> None:
+    members = make_cluster(3)
+    leader = leader_of(members)
+    target, other = (m for m in members if m is not leader)
+    stop = threading.Event()
+    futures: dict[str, list[Any]] = {"leader": [], "target": [], "other": []}
+
+    def stream(name: str, member: Member) -> None:
+        i = 0
+        while not stop.is_set():
+            entry = b"%s-%d" % (name.encode(), i)
+            futures[name].append(member.node.submit(entry, idempotent=True))
+            i += 1
+            time.sleep(0.002)
+
+    threads = [
+        threading.Thread(target=stream, args=(name, m), daemon=True)
+        for name, m in (("leader", leader), ("target", target), ("other", other))
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    moved = leader.node.transfer_leadership(target.config.self_address).result(timeout=5)
+    took = time.monotonic() - started
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    assert moved, "the target did not become the leader"
+    assert took < 1.0
+    assert leader_of(members) is target
+    submitted = [f for fs in futures.values() for f in fs]
+    results = [f.result(timeout=10) for f in submitted]  # raises on any failed entry
+    assert all(r.startswith(b"ok:") for r in results)
+    wait_until(
+        lambda: all(len(m.machine.copy()) == len(submitted) for m in members), 10, "all applied"
+    )
+    order = members[0].machine.copy()
+    assert all(m.machine.copy() == order for m in members)
+    assert len(set(order)) == len(order) == len(submitted)  # each entry exactly once
+    # Only a leader transfers, and one transfer at a time.
+    assert not leader.node.transfer_leadership(other.config.self_address).result(timeout=5)
 
 
 @pytest.mark.timeout(30)
