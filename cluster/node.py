@@ -72,7 +72,7 @@ APPLIED_WAIT_S: Final = 2.0
 RPC_TIMEOUT_S: Final = 5.0
 MONITOR_PERIOD_S: Final = 0.05
 # A member unreachable over the link this long is declared down by the Raft leader.
-DOWN_AFTER_S: Final = 0.2
+DOWN_AFTER_S: Final = 0.1
 SNAPSHOT_WAIT_S: Final = 60.0
 # Bytes waiting in the link for one peer above which this node's publishers pause.
 LINK_HIGH_BYTES: Final = 1 << 20
@@ -821,23 +821,31 @@ class ClusterNode:
             self._follow_load(now, status.role == "leader")
             if status.role != "leader" or now - self._started < STARTUP_GRACE_S:
                 continue
-            # Judge members only as a leader that has been one for a while (its links may
-            # still be coming up) and that reaches a majority over the link itself: a
-            # leader cut off from the others must not propose that they are down (such an
-            # entry could still commit once the partition heals).
-            if now - self._leader_since < LEADER_GRACE_S or not self._link_majority():
+            # Judge members only as a leader that reaches a majority over the link itself:
+            # a leader cut off from the others must not propose that they are down (such
+            # an entry could still commit once the partition heals). A member this node
+            # saw go down (its link dropped, as any node records) is judged at once, also
+            # by a leader elected just now because the old one died: that saves the
+            # grace below on every failover of a queue whose node also led Raft. One it
+            # never reached only once this node has led for a while (links come up).
+            if not self._link_majority():
                 continue
+            settled = now - self._leader_since >= LEADER_GRACE_S
             for member in list(self.shell.state.members.values()):
                 if member.name == self.name:
                     continue
                 up = self._link.is_up(member.name)
                 if member.alive and not up:
-                    since = self._down_since.setdefault(member.name, now)
+                    since = self._down_since.get(member.name)
+                    if since is None:
+                        if not settled:
+                            continue
+                        since = self._down_since.setdefault(member.name, now)
                     if now - since >= DOWN_AFTER_S:
                         await self._replicate_quietly(
                             c.NodeDown(now_ms=_now_ms(), node=member.name)
                         )
-                elif not member.alive and up:
+                elif not member.alive and up and settled:
                     await self._replicate_quietly(c.NodeUp(now_ms=_now_ms(), node=member.name))
 
     def _follow_load(self, now: float, leading: bool) -> None:

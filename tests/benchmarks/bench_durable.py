@@ -201,7 +201,7 @@ class _Probe:
                         conn.close()
 
 
-def failover(c: bc.Cluster, settle_s: float = 5.0, after_s: float = 8.0) -> Result:
+def failover(c: bc.Cluster, settle_s: float = 8.0, after_s: float = 8.0) -> Result:
     queue = bn._name("failover")
     _declare(c, C, queue)
     c.check_homes([queue], C)
