@@ -70,7 +70,7 @@ REPLICATE_TIMEOUT_S: Final = 5.0
 # answers anyway (a slow node must not stall every declare).
 APPLIED_WAIT_S: Final = 2.0
 RPC_TIMEOUT_S: Final = 5.0
-MONITOR_PERIOD_S: Final = 0.05
+MONITOR_PERIOD_S: Final = 0.02  # (a member down is declared at most this late)
 # A member unreachable over the link this long is declared down by the Raft leader.
 DOWN_AFTER_S: Final = 0.1
 SNAPSHOT_WAIT_S: Final = 60.0

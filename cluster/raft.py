@@ -416,6 +416,7 @@ class _Replica(SyncObj):  # type: ignore[misc]
         if deadline < current:
             self._SyncObj__raftElectionDeadline = deadline
             logger.info("raft leader %s disconnected: election in %.0f ms", node, 1000 * delay)
+            self.notify_tick()  # tick again now, not after a poll period of silence
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, entry: bytes) -> bytes | _ApplyError:
