@@ -10,11 +10,13 @@ elsewhere, 10,200-10,500 with it on Q). RabbitMQ gets the same from one Raft gro
 quorum queue, led by the queue's leader.
 
 Rules:
-- Every node counts the durable commands (Persist, Settle) of each entry it applies, by
-  the node that wrote the entry (the origin of its first command id). Every node applies
-  every entry, so every node sees the same counts; only the Raft leader acts on them.
+- Every node counts the durable-log entries (of Persist and Settle commands) it applies,
+  by the node that wrote each (the origin of its first command id): the hop is paid per
+  entry, whatever the number of messages in it (one for a publisher waiting for each
+  confirm, dozens under load). Every node applies every entry, so every node sees the
+  same counts; only the Raft leader acts on them.
 - Every CHECK_S the leader turns the counts into rates. The busiest writer becomes the
-  target when it writes at least MIN_RATE commands/s and at least FACTOR times what the
+  target when it writes at least MIN_RATE entries/s and at least FACTOR times what the
   leader's own node writes, in STREAK checks in a row (a burst does not move it).
 - The target must be an alive member this node's link reaches. One transfer at a time,
   then none for COOLDOWN_S, whatever its outcome (no ping-pong between two busy nodes:
@@ -35,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 CHECK_S: Final = 1.0
-MIN_RATE: Final = 200.0  # durable commands per second
+MIN_RATE: Final = 50.0  # durable-log entries per second
 FACTOR: Final = 2.0
 STREAK: Final = 2
 COOLDOWN_S: Final = 30.0
@@ -44,7 +46,7 @@ TRANSFER_TIMEOUT_S: Final = 1.0
 
 def choose(rates: Mapping[str, float], me: str, candidates: Iterable[str]) -> str | None:
     """The node that should lead Raft instead of `me`, by one window's `rates`
-    (durable commands/s by writing node), among `candidates`; None to stay."""
+    (durable-log entries/s by writing node), among `candidates`; None to stay."""
     allowed = set(candidates) - {me}
     best = max(allowed, key=lambda n: (rates.get(n, 0.0), n), default=None)
     if best is None:
@@ -69,9 +71,9 @@ class LeadershipFollowsLoad:
         self.moved = 0  # of which the target took over
         self.transferring = False
 
-    def count(self, origin: str, commands: int) -> None:
-        """An applied durable entry: `commands` Persist/Settle commands written by `origin`."""
-        self._counts[origin] += commands
+    def count(self, origin: str, entries: int = 1) -> None:
+        """Durable-log entries written by `origin` were applied."""
+        self._counts[origin] += entries
 
     def check(self, now: float, leading: bool, candidates: Iterable[str]) -> str | None:
         """Called often; every CHECK_S closes a window. The target to hand over to, now."""

@@ -357,7 +357,7 @@ class ClusterNode:
         state = self.shell.state
         outcomes = state.apply_logged(entries)
         if entries and type(entries[0][0]) in _DURABLE and entries[0][1] is not None:
-            self.leadership.count(_origin(entries[0][1]), len(entries))
+            self.leadership.count(_origin(entries[0][1]))
         if entries and entries[0][1] is not None:
             entry_waiter = self._entry_waiters.pop(entries[0][1], None)
             if entry_waiter is not None and not entry_waiter.done():
