@@ -1,7 +1,7 @@
 """Failover of the compose cluster, counted by `warren verify` on the host.
 
-`warren verify` publishes confirmed persistent messages to a durable quorum queue
-through the published ports while its --chaos / --restart commands act on the
+`warren verify` publishes confirmed persistent messages (for `--duration` seconds) to a
+durable quorum queue through the published ports while its --chaos / --restart commands act on the
 containers: `docker kill` / `docker start` of the queue leader's container mid-stream,
 `docker network disconnect` / `connect` of the queue leader (a real partition: its
 container is off the compose network), and `docker restart` of all three at once. Each
@@ -59,7 +59,7 @@ def test_docker_kill_of_the_queue_leader_mid_stream(compose_cluster: ComposeClus
     started_before = c.inspect(LEADER)["State"]["StartedAt"]
     result = warren_verify(
         _urls(c),
-        "--count", "20000", "--queue", queue,
+        "--count", "10000000", "--duration", "10", "--queue", queue,
         "--chaos", "docker kill {node}", "--restart", "docker start {node}",
         "--chaos-nodes", container, "--chaos-every", "3", "--down", "3",
         "--timeout", "180",
@@ -82,7 +82,7 @@ def test_network_disconnect_of_the_queue_leader(compose_cluster: ComposeCluster)
     connect = f"docker network connect --alias {NODES[LEADER]} {shlex.quote(network)} {{node}}"
     result = warren_verify(
         _urls(c),
-        "--count", "30000", "--queue", queue,
+        "--count", "10000000", "--duration", "14", "--queue", queue,
         "--chaos", disconnect, "--restart", connect,
         "--chaos-nodes", container, "--chaos-every", "3", "--down", "8",
         "--timeout", "180",
@@ -104,7 +104,7 @@ def test_docker_restart_of_all_three(compose_cluster: ComposeCluster, tmp_path: 
     chaos = f"test -e {once} || {{ touch {once}; {restart_all} & wait; }}"
     result = warren_verify(
         _urls(c),
-        "--count", "20000", "--queue", queue,
+        "--count", "10000000", "--duration", "10", "--queue", queue,
         "--chaos", chaos, "--chaos-every", "4",
         "--timeout", "180",
     )  # fmt: skip
