@@ -140,7 +140,8 @@ def test_chaos_and_restart_commands_take_the_nodes_round_robin(
     pika_env.queues.append(queue)
     record = tmp_path / "chaos.txt"
     result = verify(
-        "--url", broker_url, "--count", "6000", "--queue", queue, "--json", "--timeout", "45",
+        "--url", broker_url, "--count", "10000000", "--duration", "1.5", "--queue", queue,
+        "--json", "--timeout", "45",
         "--chaos", f"echo {{node}} >> {record}", "--chaos-nodes", "a, b,c",
         "--chaos-every", "0.1",
         "--restart", f"echo up-{{node}} >> {record}", "--down", "0.05",
@@ -162,8 +163,8 @@ def test_a_failing_chaos_command_is_logged_not_fatal(broker_url: str, pika_env: 
     queue = pika_env.name("verify")
     pika_env.queues.append(queue)
     result = verify(
-        "--url", broker_url, "--count", "6000", "--queue", queue, "--json", "--timeout", "45",
-        "--chaos", "echo broken; exit 3", "--chaos-every", "0.1",
+        "--url", broker_url, "--count", "10000000", "--duration", "1", "--queue", queue,
+        "--json", "--timeout", "45", "--chaos", "echo broken; exit 3", "--chaos-every", "0.1",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     summary = summary_of(result)
