@@ -41,7 +41,6 @@ MIN_RATE: Final = 50.0  # durable-log entries per second
 FACTOR: Final = 2.0
 STREAK: Final = 2
 COOLDOWN_S: Final = 30.0
-TRANSFER_TIMEOUT_S: Final = 1.0
 
 
 def choose(rates: Mapping[str, float], me: str, candidates: Iterable[str]) -> str | None:
@@ -68,7 +67,6 @@ class LeadershipFollowsLoad:
         self._streak: tuple[str | None, int] = (None, 0)
         self._quiet_until = 0.0
         self.transfers = 0  # asked for by this node
-        self.moved = 0  # of which the target took over
         self.transferring = False
 
     def count(self, origin: str, entries: int = 1) -> None:
@@ -113,8 +111,6 @@ class LeadershipFollowsLoad:
         finally:
             self.transferring = False
             self._quiet_until = time.monotonic() + COOLDOWN_S
-        if moved:
-            self.moved += 1
         log(
             "raft.leadership_transferred" if moved else "raft.leadership_kept",
             target=target,

@@ -43,7 +43,7 @@ from prometheus_client import Histogram
 from cluster import codec, placement, wire
 from cluster import commands as c
 from cluster.durable import MAX_ENTRY_BYTES, DurableLog
-from cluster.leadership import TRANSFER_TIMEOUT_S, LeadershipFollowsLoad
+from cluster.leadership import LeadershipFollowsLoad
 from cluster.link import NodeLink
 from cluster.raft import MaybeApplied, NotApplied, RaftClosed, RaftConfig, RaftError, RaftNode
 from cluster.state import StateMachine
@@ -356,9 +356,9 @@ class ClusterNode:
                 return
         state = self.shell.state
         outcomes = state.apply_logged(entries)
-        if entries and type(entries[0][0]) in _DURABLE and entries[0][1] is not None:
-            self.leadership.count(_origin(entries[0][1]))
         if entries and entries[0][1] is not None:
+            if type(entries[0][0]) in _DURABLE:
+                self.leadership.count(_origin(entries[0][1]))
             entry_waiter = self._entry_waiters.pop(entries[0][1], None)
             if entry_waiter is not None and not entry_waiter.done():
                 entry_waiter.set_result(outcomes)
@@ -862,7 +862,7 @@ class ClusterNode:
         raft, address = self._raft, _address(members[target].raft)
 
         def start() -> asyncio.Future[bool]:
-            return asyncio.wrap_future(raft.transfer_leadership(address, TRANSFER_TIMEOUT_S))
+            return asyncio.wrap_future(raft.transfer_leadership(address))
 
         self.log.info("raft.leadership_transfer", target=target)
         self.spawn(self.leadership.transfer, target, start, self.log.info)
