@@ -38,6 +38,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -52,6 +53,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from node.direct_write import DirectWriter
 from node.logs import EventLogger
 
 PROTOCOL_VERSION: Final = 1
@@ -267,17 +269,21 @@ class _Conn:
 
     __slots__ = (
         "closed",
+        "direct",
+        "flush_due",
         "in_flight",
+        "last_write",
         "outbound",
         "peer",
         "queue",
         "queued",
         "remote",
         "scope",
+        "sending",
         "wake",
     )
 
-    def __init__(self, peer: str, outbound: bool, remote: str) -> None:
+    def __init__(self, peer: str, outbound: bool, remote: str, direct: DirectWriter) -> None:
         self.peer = peer
         self.outbound = outbound
         self.remote = remote
@@ -287,6 +293,30 @@ class _Conn:
         self.wake = anyio.Event()
         self.closed = False
         self.scope = anyio.CancelScope()
+        # Writes skip the writer task when they can (node/direct_write.py): `flush_due`
+        # while a flush is scheduled for this event-loop turn, `sending` while the
+        # writer task is inside `send` (then it writes what is queued, in order).
+        self.direct = direct
+        self.flush_due = False
+        self.sending = False
+        self.last_write = anyio.current_time()
+
+
+def _take_batch(conn: _Conn) -> tuple[list[bytes], int, int]:
+    """Frame queued payloads for one write: (parts, bytes with framing, frame count). A
+    payload that would push the batch past BATCH_BYTES waits for the next batch, unless
+    it is alone: then it is written without a join."""
+    queue = conn.queue
+    parts: list[bytes] = []
+    size = frames = 0
+    while queue and (not parts or size + 4 + len(queue[0]) <= BATCH_BYTES):
+        payload = queue.popleft()
+        parts.append(_LEN.pack(len(payload)))
+        parts.append(payload)
+        size += 4 + len(payload)
+        frames += 1
+    conn.queued -= size
+    return parts, size, frames
 
 
 class _Peer:
@@ -429,8 +459,32 @@ class NodeLink:
             return False
         conn.queue.append(payload)
         conn.queued += 4 + size
-        conn.wake.set()
+        if not conn.direct.available:
+            conn.wake.set()
+        elif not conn.flush_due:
+            # Whatever else is sent during this event-loop turn joins the same write.
+            conn.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush, conn)
         return True
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write what `conn` has queued straight to its socket, or leave it to the writer
+        task when that would bypass it: it is sending, the socket is backed up, or the
+        queue is more than one batch."""
+        conn.flush_due = False
+        if conn.closed or not conn.queue:
+            return
+        if conn.sending or conn.queued > BATCH_BYTES or not conn.direct.ready:
+            conn.wake.set()
+            return
+        parts, size, frames = _take_batch(conn)
+        conn.direct.write(b"".join(parts))
+        self._sent(conn, size, frames)
+
+    def _sent(self, conn: _Conn, size: int, frames: int) -> None:
+        self.messages_sent += frames
+        self.bytes_sent += size - 4 * frames
+        conn.last_write = anyio.current_time()
 
     def is_up(self, peer: str) -> bool:
         """True while our outbound connection to `peer` is authenticated and alive."""
@@ -442,7 +496,7 @@ class NodeLink:
     def buffered_bytes(self, peer: str) -> int:
         """Bytes queued for `peer` and not yet taken by the kernel (framing included)."""
         conn = self._up.get(peer)
-        return 0 if conn is None else conn.queued + conn.in_flight
+        return 0 if conn is None else conn.queued + conn.in_flight + conn.direct.buffered()
 
     # ---- internals: lifecycle ----------------------------------------------------------
 
@@ -539,7 +593,9 @@ class NodeLink:
                 return False  # removed or re-addressed while we were shaking hands
             reader.decoder.max_frame = self._max_frame
             peer.last_failure = None
-            conn = _Conn(peer.name, outbound=True, remote=_remote(stream))
+            conn = _Conn(
+                peer.name, outbound=True, remote=_remote(stream), direct=DirectWriter(stream)
+            )
             self._up[peer.name] = conn
             self._log.info("link.peer_up", peer=peer.name, remote=conn.remote)
             if self._on_peer_up is not None:
@@ -611,7 +667,7 @@ class NodeLink:
                     self._log.info("link.handshake_failed", remote=remote, reason=_describe(exc))
                     return
                 reader.decoder.max_frame = self._max_frame
-                conn = _Conn(name, outbound=False, remote=remote)
+                conn = _Conn(name, outbound=False, remote=remote, direct=DirectWriter(stream))
                 old = self._inbound.get(name)
                 if old is not None:
                     # The peer redialed: whatever the old connection still holds must not
@@ -665,37 +721,28 @@ class NodeLink:
 
     async def _write_loop(self, conn: _Conn, stream: anyio.abc.SocketStream) -> None:
         heartbeat_s = self._heartbeat_s
-        last_write = anyio.current_time()
         queue = conn.queue
         try:
             while True:
                 if queue:
-                    parts: list[bytes] = []
-                    size = frames = 0
-                    # A payload that would push the batch past BATCH_BYTES waits for the
-                    # next batch, unless it is alone: then it is written without a join.
-                    while queue and (not parts or size + 4 + len(queue[0]) <= BATCH_BYTES):
-                        payload = queue.popleft()
-                        parts.append(_LEN.pack(len(payload)))
-                        parts.append(payload)
-                        size += 4 + len(payload)
-                        frames += 1
-                    conn.queued -= size
+                    parts, size, frames = _take_batch(conn)
                     conn.in_flight = size
-                    if size > BATCH_BYTES:
-                        await stream.send(parts[0])
-                        await stream.send(parts[1])
-                    else:
-                        await stream.send(b"".join(parts))
+                    conn.sending = True
+                    try:
+                        if size > BATCH_BYTES:
+                            await stream.send(parts[0])
+                            await stream.send(parts[1])
+                        else:
+                            await stream.send(b"".join(parts))
+                    finally:
+                        conn.sending = False
                     conn.in_flight = 0
-                    self.messages_sent += frames
-                    self.bytes_sent += size - 4 * frames
-                    last_write = anyio.current_time()
+                    self._sent(conn, size, frames)
                     continue
-                idle_left = last_write + heartbeat_s - anyio.current_time()
+                idle_left = conn.last_write + heartbeat_s - anyio.current_time()
                 if idle_left <= 0:
                     await stream.send(_HEARTBEAT)
-                    last_write = anyio.current_time()
+                    conn.last_write = anyio.current_time()
                     continue
                 conn.wake = anyio.Event()  # `send` sets it; checked `queue` just above
                 with anyio.move_on_after(idle_left):

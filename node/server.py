@@ -43,6 +43,7 @@ from node.channel import Channel, ChannelError
 if TYPE_CHECKING:
     from cluster.node import ClusterConfig, ClusterNode
 from node.config import NodeConfig, default_watermark
+from node.direct_write import DirectWriter
 from node.logs import EventLogger
 from node.protocol.codec import HEARTBEAT_FRAME, AckMethod
 from node.protocol.connection import (
@@ -392,6 +393,10 @@ class ClientConnection:
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
         self._out_ready = anyio.Event()
+        # Output goes straight to the socket while nothing is queued (node/direct_write.py);
+        # `_sending` is True while the writer task is inside `stream.send`.
+        self._direct = DirectWriter(stream)
+        self._sending = False
         self._drained = anyio.Event()
         self.writable = True
         self.publisher = False
@@ -574,6 +579,7 @@ class ClientConnection:
                 else:
                     chunk = b"".join(self._out)
                     self._out.clear()
+                self._sending = True
                 try:
                     await self.stream.send(chunk)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -582,6 +588,8 @@ class ClientConnection:
                     self.closed = True
                     self._drained.set()
                     return
+                finally:
+                    self._sending = False
                 self._out_bytes -= len(chunk)
                 if not self.writable and self._out_bytes < OUT_LOW and not self.closed:
                     self.writable = True
@@ -817,6 +825,8 @@ class ClientConnection:
         self.node.mark_dirty(self)
 
     def _enqueue(self, data: bytes) -> None:
+        if not self._out and not self._sending and not self.closed and self._direct.write(data):
+            return
         self._out.append(data)
         self._out_bytes += len(data)
         self._out_ready.set()

@@ -455,10 +455,18 @@ class ClusterLoad(bn.LoadResult):
     idle_cpu: float = math.nan
 
 
+def _spy_options(extra: Sequence[str]) -> list[str]:
+    """py-spy's options: non-blocking, 100 samples/s unless `extra` sets its own rate."""
+    rate = [] if any(a == "--rate" or a.startswith(("--rate=", "-r")) for a in extra) else [
+        "--rate", "100"]  # fmt: skip
+    return ["--nonblocking", *rate, *extra]
+
+
 def _spy(pid: int, out: Path, seconds: float, extra: Sequence[str]) -> subprocess.Popen[bytes]:
     secs = str(max(1, round(seconds)))
-    cmd = ["py-spy", "record", "--pid", str(pid), "--nonblocking", "--rate", "100",
-           "--duration", secs, "--format", "raw", "--output", str(out), *extra]  # fmt: skip
+    out.unlink(missing_ok=True)  # (a failed py-spy must not leave an older run's stacks)
+    cmd = ["py-spy", "record", "--pid", str(pid), *_spy_options(extra),
+           "--duration", secs, "--format", "raw", "--output", str(out)]  # fmt: skip
     log.info("  %s", shlex.join(cmd))
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
@@ -516,6 +524,8 @@ def run_load_cluster(
                 log.warning("py-spy did not finish: killed")
                 s.kill()
                 s.wait()
+            if s.returncode:
+                log.warning("py-spy exited with %s: %s", s.returncode, shlex.join(s.args))
         spies = []
         return ClusterLoad(
             results,
@@ -745,7 +755,7 @@ def profile_warren(
     (run, cpu), *_ = m.cpu.items()
     rates = " · ".join(f"{k} {v:,.3f}" if k in ("p50", "p99", "max") else f"{k} {v:,.0f}"
                        for k, v in m.values.items() if k != "samples")  # fmt: skip
-    opts = " ".join(["--nonblocking", "--rate 100", *spy_args])
+    opts = shlex.join(_spy_options(spy_args))
     lines = [
         "",
         f"### Profile: Warren {run}, one extra run under py-spy ({o.duration:g}s, `{opts}`; "

@@ -357,7 +357,7 @@ def test_config_refuses_unsafe_tuning(tmp_path: Path) -> None:
             self_address=("127.0.0.1", 1),
             peers=(),
             data_dir=tmp_path,
-            append_entries_period=0.2,
+            append_entries_period=0.3,  # 3 x 0.3 is not below the 0.8 s minimum timeout
         )
     m = Member(RaftConfig(self_address=("127.0.0.1", free_port()), peers=(), data_dir=tmp_path))
     try:
