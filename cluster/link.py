@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import os
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from node.direct_write import DirectWriter
+from node.direct_io import DirectReader, DirectWriter
 from node.logs import EventLogger
 
 PROTOCOL_VERSION: Final = 1
@@ -293,7 +294,7 @@ class _Conn:
         self.wake = anyio.Event()
         self.closed = False
         self.scope = anyio.CancelScope()
-        # Writes skip the writer task when they can (node/direct_write.py): `flush_due`
+        # Writes skip the writer task when they can (node/direct_io.py): `flush_due`
         # while a flush is scheduled for this event-loop turn, `sending` while the
         # writer task is inside `send` (then it writes what is queued, in order).
         self.direct = direct
@@ -750,51 +751,66 @@ class NodeLink:
         except _NET_ERRORS as exc:
             self._close(conn, f"write: {_describe(exc)}")
 
+    def _on_frames(self, conn: _Conn, frames: list[bytes], direct: DirectReader) -> None:
+        """The frames of one read, in order; raises the decoder's error after them."""
+        for payload in frames:
+            if conn.closed:
+                return
+            if not payload:
+                continue  # heartbeat
+            if conn.outbound:
+                self._log.warning("link.protocol_error", peer=conn.peer)
+                self._close(conn, "data frame on an outbound connection")
+                return
+            self.messages_received += 1
+            self.bytes_received += len(payload)
+            try:
+                self._on_message(conn.peer, payload)
+            except Exception:
+                self._log.exception("link.handler_failed", peer=conn.peer, callback="on_message")
+        if frames and self._on_batch_end is not None:
+            try:
+                self._on_batch_end()
+            except Exception:
+                self._log.exception("link.handler_failed", peer=conn.peer, callback="on_batch_end")
+        hold = self._hold_reading
+        if hold is not None and not conn.outbound and hold():
+            direct.pause()
+
     async def _read_loop(self, conn: _Conn, reader: _Reader) -> None:
+        """Input runs in `_on_data`, called by the transport (node/direct_io.py); this
+        task watches for silence and holds reading while the caller asks to."""
         dead_after_s = self._dead_after_s
         decoder = reader.decoder
-        stream = reader.stream
-        frames: list[bytes] = list(reader.pending)
+        frames = list(reader.pending)
         reader.pending.clear()
+
+        def on_data(data: bytes) -> None:
+            self._on_frames(conn, decoder.feed(data), direct)
+            if decoder.error is not None:
+                raise decoder.error  # (after the intact frames before it)
+
+        direct = DirectReader(reader.stream, on_data, RECEIVE_BYTES)
         try:
-            while True:
-                for payload in frames:
-                    if conn.closed:
+            self._on_frames(conn, frames, direct)
+            if decoder.error is not None:
+                raise decoder.error
+            while not conn.closed:
+                with anyio.move_on_after(dead_after_s):
+                    if not await direct.wait():
+                        lost = direct.lost
+                        self._close(conn, f"read: {_describe(lost or anyio.EndOfStream())}")
                         return
-                    if not payload:
-                        continue  # heartbeat
-                    if conn.outbound:
-                        self._log.warning("link.protocol_error", peer=conn.peer)
-                        self._close(conn, "data frame on an outbound connection")
-                        return
-                    self.messages_received += 1
-                    self.bytes_received += len(payload)
-                    try:
-                        self._on_message(conn.peer, payload)
-                    except Exception:
-                        self._log.exception(
-                            "link.handler_failed", peer=conn.peer, callback="on_message"
-                        )
-                if frames and self._on_batch_end is not None:
-                    try:
-                        self._on_batch_end()
-                    except Exception:
-                        self._log.exception(
-                            "link.handler_failed", peer=conn.peer, callback="on_batch_end"
-                        )
-                if decoder.error is not None:
-                    raise decoder.error
-                hold = self._hold_reading
-                if hold is not None and not conn.outbound and hold():
+                    # Paused: the caller holds reading (for at most HOLD_READING_S a turn).
+                    hold = self._hold_reading
                     with anyio.move_on_after(HOLD_READING_S):
-                        while hold():  # noqa: ASYNC110 - polled: no event on the ack path
+                        while hold is not None and hold():  # noqa: ASYNC110 - no event on the ack path
                             await anyio.sleep(HOLD_POLL_S)
-                with anyio.move_on_after(dead_after_s) as timeout:
-                    data = await stream.receive(RECEIVE_BYTES)
-                if timeout.cancelled_caught:
+                    direct.resume()
+                    continue
+                if time.monotonic() - direct.last_data >= dead_after_s:
                     self._close(conn, f"nothing received for {dead_after_s}s")
                     return
-                frames = decoder.feed(data)
         except FrameTooLarge as exc:
             self._log.warning(
                 "link.frame_too_large", peer=conn.peer, size=exc.size, limit=exc.limit

@@ -43,7 +43,7 @@ from node.channel import Channel, ChannelError
 if TYPE_CHECKING:
     from cluster.node import ClusterConfig, ClusterNode
 from node.config import NodeConfig, default_watermark
-from node.direct_write import DirectWriter
+from node.direct_io import DirectReader, DirectWriter
 from node.logs import EventLogger
 from node.protocol.codec import HEARTBEAT_FRAME, AckMethod
 from node.protocol.connection import (
@@ -393,10 +393,13 @@ class ClientConnection:
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
         self._out_ready = anyio.Event()
-        # Output goes straight to the socket while nothing is queued (node/direct_write.py);
+        # Output goes straight to the socket while nothing is queued (node/direct_io.py);
         # `_sending` is True while the writer task is inside `stream.send`.
         self._direct = DirectWriter(stream)
         self._sending = False
+        # Input straight from the transport (node/direct_io.py): _on_data, paused by it
+        # for backpressure, resumed by the _reader task.
+        self._input = DirectReader(stream, self._on_data, READ_SIZE)
         self._drained = anyio.Event()
         self.writable = True
         self.publisher = False
@@ -509,9 +512,12 @@ class ClientConnection:
             await anyio.sleep(self._linger)
         try:
             await self.stream.send_eof()
+            reader = self._input
+            reader.discard()
             with anyio.move_on_after(0.5):
-                while await self.stream.receive(READ_SIZE):
-                    pass
+                reader.resume()
+                while await reader.wait():
+                    reader.resume()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         except OSError:
@@ -523,6 +529,9 @@ class ClientConnection:
         self._reader_scope.cancel()
 
     async def _reader(self) -> None:
+        """Input runs in `_on_data`, called by the transport; this task waits while the
+        reader is paused (backpressure) and resumes it, or returns when the stream ends."""
+        reader = self._input
         while not self.closed:
             if self.node.alarm and self.publisher:
                 await self._blocked_wait()
@@ -532,20 +541,25 @@ class ClientConnection:
                 self._drained = anyio.Event()
                 await self._drained.wait()
                 continue
-            try:
-                data = await self.stream.receive(READ_SIZE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                if not self.closed:
-                    self.log.info("connection.lost", peer=self.peer, reason="socket closed")
-                return
-            except OSError as exc:
-                self.log.info("connection.lost", peer=self.peer, reason=str(exc))
-                return
-            self.proto.receive_data(data, time.monotonic())
-            self.process_events()
-            self.node.dispatch()
             if self.publisher and self.node.publishers_wait():
                 await self._flow_wait()
+            reader.resume()
+            if not await reader.wait():
+                if not self.closed:
+                    reason = "socket closed" if reader.lost is None else str(reader.lost)
+                    self.log.info("connection.lost", peer=self.peer, reason=reason)
+                return
+
+    def _on_data(self, data: bytes) -> None:
+        if self.closed:
+            return  # (closing: what still comes is drained by _goodbye)
+        self.proto.receive_data(data, time.monotonic())
+        self.process_events()
+        self.node.dispatch()
+        node = self.node
+        publisher_waits = self.publisher and (node.alarm or node.publishers_wait())
+        if publisher_waits or self._out_bytes > OUT_HIGH:
+            self._input.pause()  # (the _reader task waits, then resumes it)
 
     async def _flow_wait(self) -> None:
         """Credit flow, RabbitMQ style: while a queue this node feeds has a backlog its
