@@ -158,9 +158,11 @@ class DirectReader:
             self._transport.resume_reading()
 
     def discard(self) -> None:
-        """From now on drop what arrives (a connection that is closing)."""
+        """From now on drop what arrives (a connection that is closing), and forget an
+        error of `on_data` that `wait` already raised."""
         self._on_data = _drop
         self._held.clear()
+        self._error = None
 
     async def wait(self) -> bool:
         if self._transport is None:

@@ -154,3 +154,27 @@ async def test_reader_without_a_transport_reads_with_receive() -> None:
     with anyio.fail_after(5):
         assert not await reader.wait()
     assert got == [b"a", b"b"]
+
+
+@pytest.mark.anyio
+async def test_a_discarding_reader_drains_to_the_end_after_an_error() -> None:
+    client, server, listener = await _pair()
+
+    def on_data(data: bytes) -> None:
+        raise ValueError("bad input")
+
+    reader = DirectReader(server, on_data, 65536)
+    try:
+        await client.send(b"first")
+        with anyio.fail_after(5), pytest.raises(ValueError, match="bad input"):
+            await reader.wait()
+        reader.discard()  # closing: what still comes is dropped, the old error forgotten
+        reader.resume()
+        await client.send(b"more")
+        await client.send_eof()
+        with anyio.fail_after(5):
+            assert not await reader.wait()
+    finally:
+        await client.aclose()
+        await server.aclose()
+        await listener.aclose()
