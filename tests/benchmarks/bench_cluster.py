@@ -650,9 +650,20 @@ def scenario_fanout(c: Cluster, o: bn.Options, profile: Profile | None = None) -
     return m
 
 
+# --latency-trace: every latency run's (sent_ns, latency_ns) pairs, per cluster label.
+TRACES: dict[str, list[list[tuple[int, int]]]] = {}
+# Periods (ms) the slowest messages are folded by, to find a periodic cause.
+TRACE_PERIODS_MS = (10, 20, 50, 100, 200, 250, 500, 1000)
+TRACE_BINS = 10
+
+
 def scenario_latency(c: Cluster, o: bn.Options, profile: Profile | None = None) -> bn.Measured:
     m, load = one_to_one(c, o, A, B, rate=o.latency_rate, profile=profile)
-    lat = sorted(x for r in load.of("consumer") for x in r.latencies_ns)
+    consumers = load.of("consumer")
+    TRACES.setdefault(c.label, []).append(
+        sorted(pair for r in consumers for pair in zip(r.sent_ns, r.latencies_ns, strict=True))
+    )
+    lat = sorted(x for r in consumers for x in r.latencies_ns)
     if not lat:
         raise bn.BenchError("no message was delivered during the window")
     ms = 1e-6
@@ -776,6 +787,48 @@ def profile_warren(
             continue
         lines += ["| function | self % | incl. % |", "|---|---:|---:|"]
         lines += [f"| `{bn._cell(f)}` | {s:.1f} | {i:.1f} |" for f, s, i in rows]
+    return lines
+
+
+def trace_summary(trace: Sequence[tuple[int, int]]) -> str:
+    """One line on a latency trace's tail: percentiles, and the period (if any) the
+    slowest 1% of messages line up with (their send times folded by each candidate
+    period into TRACE_BINS bins; the period whose fullest bin stands out most)."""
+    lat = sorted(x for _, x in trace)
+    if not lat:
+        return "no samples"
+    pcts = " · ".join(
+        f"p{q * 100:g} {bn.percentile(lat, q) / 1e3:,.0f}" for q in (0.5, 0.9, 0.95, 0.99, 0.999)
+    )
+    cut = bn.percentile(lat, 0.99)
+    slow = [sent for sent, x in trace if x >= cut]
+    best = ""
+    if len(slow) >= 3 * TRACE_BINS:
+        scores = []
+        for period in TRACE_PERIODS_MS:
+            bins = [0] * TRACE_BINS
+            for sent in slow:
+                bins[int((sent / 1e6 % period) / period * TRACE_BINS)] += 1
+            scores.append((max(bins) * TRACE_BINS / len(slow), period))
+        score, period = max(scores)
+        best = (
+            f" · slowest 1% ({len(slow)}) fold best at a {period} ms period: "
+            f"{score:.1f}x the mean bin"
+        )
+    return f"{len(lat):,} samples, µs: {pcts}{best}"
+
+
+def write_traces(out_dir: Path) -> list[str]:
+    """Write every latency run's trace (TSV: sent_ns, latency_ns) and summarize each."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["", "### Latency traces (`--latency-trace`)", ""]
+    for label, runs in TRACES.items():
+        for i, trace in enumerate(runs, start=1):
+            path = out_dir / f"{label.lower().replace(' ', '-')}-latency-{i}.tsv"
+            with path.open("w") as f:
+                f.write("sent_ns\tlatency_ns\n")
+                f.writelines(f"{sent}\t{x}\n" for sent, x in trace)
+            lines.append(f"- {label} #{i} ({path}): {trace_summary(trace)}")
     return lines
 
 
@@ -959,6 +1012,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--consumer-procs", type=int, default=2, help="processes sharing the fanout consumers"
     )
     p.add_argument("--latency-rate", type=float, default=1000.0, help="msg/s, scenario latency")
+    p.add_argument(
+        "--latency-trace",
+        type=Path,
+        metavar="DIR",
+        help="write each latency run's per-message (sent_ns, latency_ns) to DIR and report "
+        "its tail (percentiles, a period the slowest messages line up with)",
+    )
     p.add_argument("--warren-args", default="", help="extra `node` options for every Warren node")
     p.add_argument("--keep-temp", action="store_true", help="keep node dirs and logs")
     p.add_argument(
@@ -1078,6 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("kept %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.latency_trace and TRACES:
+        extra += write_traces(args.latency_trace)
     results = {
         name: {sc: bn._combine(got) for sc, got in per.items()} for name, per in runs.items()
     }

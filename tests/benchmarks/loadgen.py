@@ -156,6 +156,7 @@ class ClientProtocol(asyncio.Protocol):
         self.measure_latency = measure_latency
         self.recording = False  # latencies are kept only while True (the measurement window)
         self.latencies_ns: list[int] = []
+        self.sent_ns: list[int] = []  # each latency's start (monotonic_ns), same order
         self.delivered = 0
         self.returned = 0
         self.heartbeats = 0
@@ -236,7 +237,9 @@ class ClientProtocol(asyncio.Protocol):
                 if st.want_ts:
                     st.want_ts = False
                     if now_ns and size >= 8:
-                        self.latencies_ns.append(now_ns - unpack_u64(buf, p)[0])
+                        sent = unpack_u64(buf, p)[0]
+                        self.latencies_ns.append(now_ns - sent)
+                        self.sent_ns.append(sent)
                 st.remaining -= size
                 if st.remaining <= 0:
                     self._complete(ch, st, out)
@@ -260,6 +263,7 @@ class ClientProtocol(asyncio.Protocol):
                             _, size, at = sent.popleft()
                             if self.recording:
                                 self.latencies_ns.extend([now_ns - at] * size)
+                                self.sent_ns.extend([at] * size)
                     waiter = self._confirm_waiter
                     if waiter is not None and self.confirms.settled >= self._confirm_target:
                         self._confirm_waiter = None
@@ -637,6 +641,7 @@ class WorkerResult:
     errors: int = 0
     blocked: bool = False
     latencies_ns: tuple[int, ...] = field(default=())
+    sent_ns: tuple[int, ...] = field(default=())  # when each latency started (monotonic_ns)
     note: str = ""
 
     @property
@@ -713,9 +718,11 @@ class Consumer:
         win.stop()
         d1 = sum(c.proto.delivered for c in self.clients)
         lat: list[int] = []
+        sent: list[int] = []
         for c in self.clients:
             c.proto.recording = False
             lat.extend(c.proto.latencies_ns)
+            sent.extend(c.proto.sent_ns)
         errors = [str(c.proto.error) for c in self.clients if c.proto.closed.done()]
         await asyncio.gather(*(c.close() for c in self.clients))
         return WorkerResult(
@@ -725,6 +732,7 @@ class Consumer:
             cpu_s=win.cpu,
             errors=len(errors),
             latencies_ns=tuple(lat),
+            sent_ns=tuple(sent),
             note="; ".join(errors),
         )
 
@@ -796,6 +804,7 @@ class Producer:
             errors=1 if note else 0,
             blocked=self.was_blocked,
             latencies_ns=tuple(self.client.proto.latencies_ns),
+            sent_ns=tuple(self.client.proto.sent_ns),
             note=note,
         )
 
