@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import math
 import os
 import threading
 import time
@@ -78,6 +79,11 @@ SNAPSHOT_WAIT_S: Final = 60.0
 LINK_HIGH_BYTES: Final = 1 << 20
 # A new Raft leader waits this long before it judges members (links come up).
 LEADER_GRACE_S: Final = 0.3
+# A member that is alive again (it announced itself after a restart) has this long for
+# the link to reach it before it can be judged down again: the dialer may be in its
+# backoff (at most 1 s) from the attempts made while the member was dead. The grace
+# ends when the link comes up.
+REVIVED_GRACE_S: Final = 1.5
 # After this node became ready, members are not judged for a while: links come up.
 STARTUP_GRACE_S: Final = 3.0
 # warren_raft_commit_latency_seconds buckets: fsynced commits take milliseconds to tens.
@@ -196,6 +202,10 @@ class ClusterNode:
         self.remote_conns: dict[int, str] = {}
         self._applied_out: dict[str, list[bytes]] = {}
         self._down_since: dict[str, float] = {}
+        # Each member's `alive` at the last monitor turn, and when it was last seen
+        # coming back (alive again): see REVIVED_GRACE_S.
+        self._alive_seen: dict[str, bool] = {}
+        self._revived_at: dict[str, float] = {}
         self._started = time.monotonic()
         self._leader_since = time.monotonic()
         self._tg: TaskGroup | None = None
@@ -776,6 +786,7 @@ class ClusterNode:
         link dropped one way only): RESET, first on the new connection, makes it drop
         both, as this node did when the link went down."""
         self._down_since.pop(peer, None)
+        self._revived_at.pop(peer, None)
         self.log.info("link.peer_up", peer=peer)
         self._link.send(peer, wire.reset())
 
@@ -819,6 +830,7 @@ class ClusterNode:
                 self._leader_since = now
                 self.log.info("raft.leader", leader=status.leader, term=status.term)
             self._follow_load(now, status.role == "leader")
+            self._note_revivals(now)
             if status.role != "leader" or now - self._started < STARTUP_GRACE_S:
                 continue
             # Judge members only as a leader that reaches a majority over the link itself:
@@ -836,6 +848,8 @@ class ClusterNode:
                     continue
                 up = self._link.is_up(member.name)
                 if member.alive and not up:
+                    if now - self._revived_at.get(member.name, -math.inf) < REVIVED_GRACE_S:
+                        continue  # just back: the link has not redialed it yet
                     since = self._down_since.get(member.name)
                     if since is None:
                         if not settled:
@@ -847,6 +861,17 @@ class ClusterNode:
                         )
                 elif not member.alive and up and settled:
                     await self._replicate_quietly(c.NodeUp(now_ms=_now_ms(), node=member.name))
+
+    def _note_revivals(self, now: float) -> None:
+        """Members alive again since the last turn (a restarted node announced itself):
+        when it went down no longer counts (the stale time would have it declared down
+        again at once, before the link redials it), and REVIVED_GRACE_S starts."""
+        seen = self._alive_seen
+        for name, member in self.shell.state.members.items():
+            if member.alive and seen.get(name) is False:
+                self._revived_at[name] = now
+                self._down_since.pop(name, None)
+            seen[name] = member.alive
 
     def _follow_load(self, now: float, leading: bool) -> None:
         """Hand Raft leadership to the node writing the most durable entries (see
