@@ -778,8 +778,9 @@ class NodeLink:
             direct.pause()
 
     async def _read_loop(self, conn: _Conn, reader: _Reader) -> None:
-        """Input runs in `_on_data`, called by the transport (node/direct_io.py); this
-        task watches for silence and holds reading while the caller asks to."""
+        """Input runs in `on_data` (`_on_frames`), called by the transport
+        (node/direct_io.py); this task watches for silence and holds reading while the
+        caller asks to."""
         dead_after_s = self._dead_after_s
         decoder = reader.decoder
         frames = list(reader.pending)

@@ -45,18 +45,22 @@ class _Transport(Protocol):
     def get_write_buffer_size(self) -> int: ...
 
 
+def _transport_of(stream: Any, *methods: str) -> Any:
+    """anyio's asyncio `SocketStream` keeps its transport as `_transport` (anyio 4;
+    nothing public exposes it): that transport when it has every one of `methods`,
+    else None (the caller then takes the task path)."""
+    transport = getattr(stream, "_transport", None)
+    usable = all(callable(getattr(transport, name, None)) for name in methods)
+    return transport if usable else None
+
+
 class DirectWriter:
     __slots__ = ("_transport",)
 
     def __init__(self, stream: Any) -> None:
-        # anyio's asyncio `SocketStream` keeps its transport as `_transport` (anyio 4);
-        # nothing public exposes it. Without one every write goes the task's way.
-        transport = getattr(stream, "_transport", None)
-        usable = all(
-            callable(getattr(transport, name, None))
-            for name in ("write", "is_closing", "get_write_buffer_size")
+        self._transport: _Transport | None = _transport_of(
+            stream, "write", "is_closing", "get_write_buffer_size"
         )
-        self._transport: _Transport | None = transport if usable else None
 
     @property
     def available(self) -> bool:
@@ -114,12 +118,11 @@ class DirectReader:
         self._stream = stream
         self._on_data = on_data
         self._read_size = read_size
-        transport = getattr(stream, "_transport", None)
-        protocol = getattr(stream, "_protocol", None)
-        usable = all(
-            callable(getattr(transport, name, None))
-            for name in ("set_protocol", "pause_reading", "resume_reading", "is_closing")
-        ) and isinstance(getattr(protocol, "read_queue", None), deque)
+        transport = _transport_of(
+            stream, "get_protocol", "set_protocol", "pause_reading", "resume_reading"
+        )
+        protocol = getattr(stream, "_protocol", None)  # anyio's, beside its transport
+        usable = transport is not None and isinstance(getattr(protocol, "read_queue", None), deque)
         self._transport: Any = transport if usable else None
         self._anyio: Any = protocol if usable else None
         self._paused = False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
 import anyio.abc
 import anyio.lowlevel
@@ -10,18 +13,24 @@ import pytest
 from node.direct_io import DirectReader, DirectWriter
 
 
-async def _pair() -> tuple[anyio.abc.SocketStream, anyio.abc.SocketStream, anyio.abc.Listener]:
+@asynccontextmanager
+async def _pair() -> AsyncIterator[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]]:
+    """A connected (client, server) pair on loopback, closed (with its listener) after."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     client = await anyio.connect_tcp("127.0.0.1", port)
     server = await listener.listeners[0].accept()  # type: ignore[attr-defined]
-    return client, server, listener
+    try:
+        yield client, server
+    finally:
+        await client.aclose()
+        await server.aclose()
+        await listener.aclose()
 
 
 @pytest.mark.anyio
 async def test_writes_reach_the_peer_in_order_and_refuse_once_the_socket_is_full() -> None:
-    client, server, listener = await _pair()
-    try:
+    async with _pair() as (client, server):
         writer = DirectWriter(client)
         assert writer.available
         assert writer.ready
@@ -44,23 +53,15 @@ async def test_writes_reach_the_peer_in_order_and_refuse_once_the_socket_is_full
             while not writer.ready:  # noqa: ASYNC110 - the transport has no event for it
                 await anyio.sleep(0.01)
         assert writer.buffered() == 0
-    finally:
-        await client.aclose()
-        await server.aclose()
-        await listener.aclose()
 
 
 @pytest.mark.anyio
 async def test_a_closed_stream_is_never_written() -> None:
-    client, server, listener = await _pair()
-    try:
+    async with _pair() as (client, _server):
         writer = DirectWriter(client)
         await client.aclose()
         assert not writer.ready
         assert not writer.write(b"late")
-    finally:
-        await server.aclose()
-        await listener.aclose()
 
 
 def test_a_stream_without_a_transport_always_queues() -> None:
@@ -76,20 +77,19 @@ def test_a_stream_without_a_transport_always_queues() -> None:
 
 @pytest.mark.anyio
 async def test_reader_delivers_in_order_pauses_resumes_and_sees_the_end() -> None:
-    client, server, listener = await _pair()
-    got: list[bytes] = []
-    paused_once: list[bool] = []
+    async with _pair() as (client, server):
+        got: list[bytes] = []
+        paused_once: list[bool] = []
 
-    def on_data(data: bytes) -> None:
-        got.append(data)
-        if not paused_once and sum(map(len, got)) >= 1_000_000:
-            paused_once.append(True)
-            reader.pause()  # backpressure from inside the callback, as the node does
+        def on_data(data: bytes) -> None:
+            got.append(data)
+            if not paused_once and sum(map(len, got)) >= 1_000_000:
+                paused_once.append(True)
+                reader.pause()  # backpressure from inside the callback, as the node does
 
-    reader = DirectReader(server, on_data, 65536)
-    total = 3_000_000
-    payload = bytes(i % 251 for i in range(total))
-    try:
+        reader = DirectReader(server, on_data, 65536)
+        total = 3_000_000
+        payload = bytes(i % 251 for i in range(total))
         async with anyio.create_task_group() as tg:
             tg.start_soon(client.send, payload)
             with anyio.fail_after(5):
@@ -105,33 +105,24 @@ async def test_reader_delivers_in_order_pauses_resumes_and_sees_the_end() -> Non
         await client.send_eof()
         with anyio.fail_after(5):
             assert not await reader.wait()  # the end of the stream
-    finally:
-        await client.aclose()
-        await server.aclose()
-        await listener.aclose()
 
 
 @pytest.mark.anyio
 async def test_reader_raises_what_the_callback_raised_and_stops() -> None:
-    client, server, listener = await _pair()
-    calls: list[bytes] = []
+    async with _pair() as (client, server):
+        calls: list[bytes] = []
 
-    def on_data(data: bytes) -> None:
-        calls.append(data)
-        raise ValueError("bad input")
+        def on_data(data: bytes) -> None:
+            calls.append(data)
+            raise ValueError("bad input")
 
-    reader = DirectReader(server, on_data, 65536)
-    try:
+        reader = DirectReader(server, on_data, 65536)
         await client.send(b"first")
         with anyio.fail_after(5), pytest.raises(ValueError, match="bad input"):
             await reader.wait()
         await client.send(b"second")
         await anyio.sleep(0.1)
         assert calls == [b"first"]
-    finally:
-        await client.aclose()
-        await server.aclose()
-        await listener.aclose()
 
 
 class _ChunkStream:
@@ -158,13 +149,12 @@ async def test_reader_without_a_transport_reads_with_receive() -> None:
 
 @pytest.mark.anyio
 async def test_a_discarding_reader_drains_to_the_end_after_an_error() -> None:
-    client, server, listener = await _pair()
+    async with _pair() as (client, server):
 
-    def on_data(data: bytes) -> None:
-        raise ValueError("bad input")
+        def on_data(data: bytes) -> None:
+            raise ValueError("bad input")
 
-    reader = DirectReader(server, on_data, 65536)
-    try:
+        reader = DirectReader(server, on_data, 65536)
         await client.send(b"first")
         with anyio.fail_after(5), pytest.raises(ValueError, match="bad input"):
             await reader.wait()
@@ -174,7 +164,3 @@ async def test_a_discarding_reader_drains_to_the_end_after_an_error() -> None:
         await client.send_eof()
         with anyio.fail_after(5):
             assert not await reader.wait()
-    finally:
-        await client.aclose()
-        await server.aclose()
-        await listener.aclose()
