@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -70,6 +71,7 @@ JOIN_SLACK_S = 5.0  # the main thread's backstop beyond the I/O thread's own dea
 CHAOS_COMMAND_TIMEOUT_S = 120.0  # one chaos or restart command; then its group is killed
 PROGRESS_S = 1.0
 LOST_SAMPLE = 10  # the summary lists this many lost message numbers
+UNFLAGGED_SAMPLE = 10  # ... and this many unflagged duplicates, with where both copies came from
 MAX_OUTPUT_CHARS = 300  # a failing chaos command's output is logged up to this much
 # Node names are pasted into shell commands unquoted: keep them to plain characters.
 NODE_NAME = re.compile(r"[A-Za-z0-9_.@:+-]+\Z")
@@ -255,6 +257,7 @@ class Summary:
     chaos_events: int = 0
     restarts: int = 0
     chaos_failures: int = 0
+    unflagged_sample: tuple[Copies, ...] = ()  # the first few, with both copies' times
 
     @property
     def complete(self) -> bool:
@@ -284,7 +287,7 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         tally = asdict(self.tally)
         tally["lost_sample"] = list(self.tally.lost_sample)
-        facts = {k: v for k, v in asdict(self).items() if k != "tally"}
+        facts = {k: v for k, v in asdict(self).items() if k not in ("tally", "unflagged_sample")}
         return {
             **tally,
             **facts,
@@ -293,6 +296,7 @@ class Summary:
             "publish_seconds": round(self.publish_seconds, 3),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "publish_rate": round(self.publish_rate, 1),
+            "unflagged_sample": [copies.to_json() for copies in self.unflagged_sample],
             "ok": not self.problems(),
         }
 
@@ -333,6 +337,15 @@ def format_summary(summary: Summary) -> str:
     ]
     if summary.foreign:
         rows.append(("other runs' messages", f"{summary.foreign} (acked, ignored)"))
+    for copies in summary.unflagged_sample:
+        rows.append(
+            (
+                "unflagged",
+                f"message {copies.message} attempt {copies.attempt}:"
+                f" {wall_time(copies.first_at)} (subscription {copies.first_subscription}),"
+                f" again {wall_time(copies.at)} (subscription {copies.subscription})",
+            )
+        )
     problems = summary.problems()
     rows.append(("result", "FAILED: " + "; ".join(problems) if problems else "OK"))
     width = max(len(label) for label, _ in rows)
@@ -341,6 +354,37 @@ def format_summary(summary: Summary) -> str:
 
 
 # --- the ledger: what the I/O thread records ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Copies:
+    """An unflagged duplicate: the message's first copy and this one (wall times)."""
+
+    message: int
+    attempt: int
+    copy: int  # this copy's number among the attempt's copies (2: the first duplicate)
+    first_at: float  # the message's first copy (of any attempt)
+    first_subscription: int
+    at: float
+    subscription: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "attempt": self.attempt,
+            "copy": self.copy,
+            "first_at": wall_time(self.first_at),
+            "first_subscription": self.first_subscription,
+            "at": wall_time(self.at),
+            "subscription": self.subscription,
+        }
+
+
+def wall_time(at: float) -> str:
+    """A `time.time()` as the node logs write theirs (UTC, milliseconds)."""
+    whole = int(at)
+    millis = int((at - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
 class Ledger:
@@ -355,6 +399,11 @@ class Ledger:
         self.received_count = 0
         self.received_confirmed = 0  # logical messages both confirmed and received
         self.copies: dict[tuple[int, int], list[bool]] = {}
+        # Where each message's first copy came from (wall time, the consumer's
+        # subscription number): an unflagged duplicate is reported with both copies.
+        self.first_at = array("d", bytes(8 * count))
+        self.first_subscription = array("I", bytes(4 * count))
+        self.unflagged: list[Copies] = []
         self.first_publish: float | None = None
         self.last_confirm: float | None = None
 
@@ -378,12 +427,34 @@ class Ledger:
         self.last_confirm = now
         return True
 
-    def receive(self, index: int, attempt: int, redelivered: bool) -> None:
-        self.copies.setdefault((index, attempt), []).append(redelivered)
+    def receive(
+        self, index: int, attempt: int, redelivered: bool, at: float = 0.0, subscription: int = 0
+    ) -> Copies | None:
+        """Record one copy (received at wall time `at` by the consumer's `subscription`-th
+        subscription). Returns the report of an unflagged duplicate, else None."""
+        flags = self.copies.setdefault((index, attempt), [])
+        flags.append(redelivered)
         if not self.received[index]:
             self.received[index] = 1
             self.received_count += 1
             self.received_confirmed += self.confirmed[index]
+            self.first_at[index] = at
+            self.first_subscription[index] = subscription
+            return None
+        if len(flags) < 2 or redelivered:
+            return None
+        report = Copies(
+            index,
+            attempt,
+            len(flags),
+            self.first_at[index],
+            self.first_subscription[index],
+            at,
+            subscription,
+        )
+        if len(self.unflagged) < UNFLAGGED_SAMPLE:
+            self.unflagged.append(report)
+        return report
 
     def tally(self) -> Tally:
         confirmed = [i for i, flag in enumerate(self.confirmed) if flag]
@@ -901,6 +972,7 @@ class Consumer(_Client):
         self.cancels = 0
         self.foreign = 0
         self.last_delivery = 0.0
+        self.subscriptions = 0  # consume-oks so far: which subscription took a copy
 
     def _on_channel(self, channel: Any) -> None:
         self.channel = channel
@@ -931,6 +1003,7 @@ class Consumer(_Client):
 
     def _on_consume_ok(self, _frame: Any) -> None:
         self.subscribed = True
+        self.subscriptions += 1
         self.last_delivery = time.monotonic()  # the drain-idle clock starts again
         self.log.info("verify.subscribed", queue=self.run.settings.queue)
 
@@ -951,7 +1024,16 @@ class Consumer(_Client):
         if key is None or key[0] >= self.ledger.count:
             self.foreign += 1
         else:
-            self.ledger.receive(key[0], key[1], bool(method.redelivered))
+            unflagged = self.ledger.receive(
+                key[0], key[1], bool(method.redelivered), time.time(), self.subscriptions
+            )
+            if unflagged is not None:
+                self.log.warning(
+                    "verify.unflagged_duplicate",
+                    message_id=message_id,
+                    url=safe_url(self.url),
+                    **{k: v for k, v in unflagged.to_json().items() if k != "message"},
+                )
         channel.basic_ack(method.delivery_tag)
         if key is not None:
             self.run.received()
@@ -1177,6 +1259,7 @@ class Run:
             chaos_events=chaos.events if chaos else 0,
             restarts=chaos.restarts if chaos else 0,
             chaos_failures=chaos.failures if chaos else 0,
+            unflagged_sample=tuple(self.ledger.unflagged),
         )
 
     @property

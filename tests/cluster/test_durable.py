@@ -323,6 +323,7 @@ def test_chaos_for_two_minutes_with_warren_verify(own_cluster: Cluster, tmp_path
         stop.set()
         watcher.join(5)
     took = time.monotonic() - started
+    (tmp_path / "verify.log").write_text(run.stderr)  # kept with the nodes' logs
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     kills = sum(1 for d in done if d.startswith("kill"))
     print(
@@ -333,7 +334,9 @@ def test_chaos_for_two_minutes_with_warren_verify(own_cluster: Cluster, tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert summary["lost"] == 0
-    assert summary["duplicates_unflagged"] == 0
+    assert summary["duplicates_unflagged"] == 0, (
+        f"unflagged duplicates, e.g. {summary['unflagged_sample'][:3]}; logs in {tmp_path}"
+    )
     assert summary["complete"]
     assert 0 < summary["confirmed"] == summary["count"] < CHAOS_MESSAGES
     assert kills >= 10, f"only {kills} kills in {took:.0f}s"

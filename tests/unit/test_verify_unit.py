@@ -16,6 +16,7 @@ from node.verify import (
     Chaos,
     ChaosPlan,
     ChaosStep,
+    Copies,
     Ledger,
     Summary,
     Tally,
@@ -115,6 +116,33 @@ def test_the_ledger_feeds_the_accounting() -> None:
         1,
         1,
     )
+
+
+def test_the_ledger_reports_an_unflagged_duplicate_with_both_copies() -> None:
+    ledger = Ledger(2)
+    first = 1_796_200_000.25  # 2026-12-02T08:26:40.250Z
+    assert ledger.receive(0, 1, False, first, 1) is None
+    assert ledger.receive(0, 1, True, first + 1, 2) is None  # flagged: owned up to
+    assert ledger.receive(1, 1, False, first, 1) is None
+    report = ledger.receive(0, 1, False, first + 2.5, 3)
+    assert report == Copies(0, 1, 3, first, 1, first + 2.5, 3)
+    assert ledger.unflagged == [report]
+    assert report.to_json() == {
+        "message": 0,
+        "attempt": 1,
+        "copy": 3,
+        "first_at": "2026-12-02T08:26:40.250Z",
+        "first_subscription": 1,
+        "at": "2026-12-02T08:26:42.750Z",
+        "subscription": 3,
+    }
+    # A copy of another attempt is not a duplicate, flagged or not.
+    assert ledger.receive(1, 2, False, first + 3, 3) is None
+    summary = _summary(ledger.tally(), unflagged_sample=tuple(ledger.unflagged))
+    assert summary.to_json()["unflagged_sample"] == [report.to_json()]
+    assert summary.tally.duplicates_unflagged == 1
+    table = format_summary(summary)
+    assert "message 0 attempt 1: 2026-12-02T08:26:40.250Z (subscription 1)" in table
 
 
 # --- ids and bodies ---------------------------------------------------------------------------
@@ -227,7 +255,12 @@ def test_passwords_stay_out_of_logged_urls() -> None:
 # --- the summary ----------------------------------------------------------------------------
 
 
-def _summary(tally: Tally, publisher_reconnects: int = 0, consumer_reconnects: int = 0) -> Summary:
+def _summary(
+    tally: Tally,
+    publisher_reconnects: int = 0,
+    consumer_reconnects: int = 0,
+    unflagged_sample: tuple[Copies, ...] = (),
+) -> Summary:
     return Summary(
         "r",
         "q",
@@ -238,6 +271,7 @@ def _summary(tally: Tally, publisher_reconnects: int = 0, consumer_reconnects: i
         elapsed_seconds=3.0,
         publisher_reconnects=publisher_reconnects,
         consumer_reconnects=consumer_reconnects,
+        unflagged_sample=unflagged_sample,
     )
 
 
