@@ -47,7 +47,7 @@ from cluster.durable import MAX_ENTRY_BYTES, DurableLog
 from cluster.leadership import LeadershipFollowsLoad
 from cluster.link import NodeLink
 from cluster.raft import MaybeApplied, NotApplied, RaftClosed, RaftConfig, RaftError, RaftNode
-from cluster.state import StateMachine
+from cluster.state import MemberInfo, StateMachine
 from node.broker.types import (
     AmqpError,
     CancelConsumer,
@@ -84,7 +84,8 @@ LEADER_GRACE_S: Final = 0.3
 # backoff (at most 1 s) from the attempts made while the member was dead. The grace
 # ends when the link comes up.
 REVIVED_GRACE_S: Final = 1.5
-# After this node became ready, members are not judged for a while: links come up.
+# After this node became ready, members it has not reached yet are not judged for a
+# while: links come up. (One it reached and then lost is judged at once, grace or not.)
 STARTUP_GRACE_S: Final = 3.0
 # warren_raft_commit_latency_seconds buckets: fsynced commits take milliseconds to tens.
 COMMIT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -831,36 +832,32 @@ class ClusterNode:
                 self.log.info("raft.leader", leader=status.leader, term=status.term)
             self._follow_load(now, status.role == "leader")
             self._note_revivals(now)
-            if status.role != "leader" or now - self._started < STARTUP_GRACE_S:
+            if status.role != "leader":
                 continue
             # Judge members only as a leader that reaches a majority over the link itself:
             # a leader cut off from the others must not propose that they are down (such
             # an entry could still commit once the partition heals). A member this node
             # saw go down (its link dropped, as any node records) is judged at once, also
-            # by a leader elected just now because the old one died: that saves the
-            # grace below on every failover of a queue whose node also led Raft. One it
-            # never reached only once this node has led for a while (links come up).
+            # by a leader elected just now because the old one died, and by a node that
+            # started just now: that saves the graces below on every failover of a queue
+            # whose node also led Raft, and a node that restarts and is elected at once
+            # must not leave the dead leader's queues on it (they would wait for it, and
+            # it serves nothing until it has caught up). One it never reached only once
+            # this node has run and led for a while (links come up).
             if not self._link_majority():
                 continue
-            settled = now - self._leader_since >= LEADER_GRACE_S
-            for member in list(self.shell.state.members.values()):
-                if member.name == self.name:
-                    continue
-                up = self._link.is_up(member.name)
-                if member.alive and not up:
-                    if now - self._revived_at.get(member.name, -math.inf) < REVIVED_GRACE_S:
-                        continue  # just back: the link has not redialed it yet
-                    since = self._down_since.get(member.name)
-                    if since is None:
-                        if not settled:
-                            continue
-                        since = self._down_since.setdefault(member.name, now)
-                    if now - since >= DOWN_AFTER_S:
-                        await self._replicate_quietly(
-                            c.NodeDown(now_ms=_now_ms(), node=member.name)
-                        )
-                elif not member.alive and up and settled:
-                    await self._replicate_quietly(c.NodeUp(now_ms=_now_ms(), node=member.name))
+            settled = (
+                now - self._leader_since >= LEADER_GRACE_S
+                and now - self._started >= STARTUP_GRACE_S
+            )
+            members = list(self.shell.state.members.values())
+            verdicts = judge_members(
+                self.name, members, self._link.is_up, self._down_since, self._revived_at,
+                now, settled,
+            )  # fmt: skip
+            for down, name in verdicts:
+                command = c.NodeDown if down else c.NodeUp
+                await self._replicate_quietly(command(now_ms=_now_ms(), node=name))
 
     def _note_revivals(self, now: float) -> None:
         """Members alive again since the last turn (a restarted node announced itself):
@@ -995,6 +992,43 @@ class ClusterNode:
 
 
 _MOVES = frozenset({c.SetLeader, c.NodeDown, c.ForgetMember, c.DeleteQueue, c.DropQueue})
+
+
+def judge_members(
+    me: str,
+    members: Sequence[MemberInfo],
+    is_up: Callable[[str], bool],
+    down_since: dict[str, float],
+    revived_at: dict[str, float],
+    now: float,
+    settled: bool,
+) -> list[tuple[bool, str]]:
+    """The Raft leader's verdicts on the members this turn: (True, name) to replicate
+    NodeDown, (False, name) for NodeUp. A live member whose link is down is judged down
+    once it has been down for DOWN_AFTER_S: at once counting from when this node saw its
+    link drop (`down_since`), or, for one this node never reached, only when `settled`
+    (this node has run and led for a while: links come up), counting from now (recorded
+    in `down_since`). A member just back (`revived_at`) gets REVIVED_GRACE_S for the
+    link to redial it. A dead member whose link is up is judged up when `settled`."""
+    verdicts: list[tuple[bool, str]] = []
+    for member in members:
+        name = member.name
+        if name == me:
+            continue
+        up = is_up(name)
+        if member.alive and not up:
+            if now - revived_at.get(name, -math.inf) < REVIVED_GRACE_S:
+                continue  # just back: the link has not redialed it yet
+            since = down_since.get(name)
+            if since is None:
+                if not settled:
+                    continue
+                since = down_since.setdefault(name, now)
+            if now - since >= DOWN_AFTER_S:
+                verdicts.append((True, name))
+        elif not member.alive and up and settled:
+            verdicts.append((False, name))
+    return verdicts
 
 
 def _now_ms() -> int:

@@ -845,9 +845,13 @@ class Broker:
     ) -> bool:
         """Cluster: a message another node routed to queues led here (`redelivered`: one
         that moved here with its queue after it had been delivered). Returns False when
-        a queue refused it (reject-publish): the publisher's confirm becomes a nack. A
-        queue that is gone or no longer led here is skipped (as a publish racing a
-        delete: the message is dropped and confirmed)."""
+        it was not taken everywhere, and the publisher's confirm becomes a nack (it
+        publishes again): a queue refused it (reject-publish), a queue is led by another
+        node now (the sender's view is older than ours), or this node is still catching
+        up with the log (its view is older than the sender's). A queue that is gone is
+        skipped, as a publish racing a delete: the message is dropped and confirmed."""
+        if not self.active:
+            return False
         vh = self.vhosts.get(vhost)
         if vh is None:
             return True
@@ -862,7 +866,10 @@ class Broker:
                 self._reply(name, False, properties, props, body, now_ms, effects)
                 continue
             queue = vh.queues.get(name)
-            if queue is None or queue.remote:
+            if queue is None:
+                continue
+            if queue.remote:
+                accepted = False  # never confirm what no queue holds
                 continue
             message = Message(
                 message_id, exchange_name, routing_key, properties, props, body, now_ms

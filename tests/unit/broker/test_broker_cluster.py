@@ -599,15 +599,32 @@ def test_enqueue_forwarded_honours_reject_publish(a: Driver) -> None:
     assert a.sm.queue_counts("/", "roomy") == (1, 0)  # the other queue still took it
 
 
-def test_enqueue_forwarded_skips_queues_not_led_here(a: Driver) -> None:
+def test_enqueue_forwarded_to_a_queue_led_elsewhere_is_not_confirmed(a: Driver) -> None:
+    # The sender routed by an older view (the queue moved since): confirming would lose
+    # the message, so the publisher gets a nack and publishes again.
     led(a, "elsewhere", "b")
     led(a, "here", "a")
-    accepted, effects = a.sm.enqueue_forwarded(forwarded(a), ["elsewhere", "missing", "here"])
-    assert accepted
+    accepted, effects = a.sm.enqueue_forwarded(forwarded(a), ["elsewhere", "here"])
+    assert accepted is False
     assert effects == []
     assert a.sm.queue_counts("/", "elsewhere") == (0, 0)
-    assert a.sm.queue_counts("/", "here") == (1, 0)
+    assert a.sm.queue_counts("/", "here") == (1, 0)  # the queue led here still took it
     assert a.sm.total_message_bytes == 1
+
+
+def test_enqueue_forwarded_to_a_deleted_queue_is_dropped_and_confirmed(a: Driver) -> None:
+    led(a, "here", "a")
+    accepted, _ = a.sm.enqueue_forwarded(forwarded(a), ["missing", "here"])
+    assert accepted
+    assert a.sm.queue_counts("/", "here") == (1, 0)
+
+
+def test_enqueue_forwarded_while_catching_up_is_not_confirmed(a: Driver) -> None:
+    # A restarting node's view is older than the sender's until it has caught up.
+    led(a, "q", "a")
+    a.sm.begin_catch_up()
+    assert a.sm.enqueue_forwarded(forwarded(a), ["q"]) == (False, [])
+    assert a.sm.queue_counts("/", "q") == (0, 0)
 
 
 def test_enqueue_forwarded_to_a_missing_vhost_is_dropped(a: Driver) -> None:
