@@ -54,6 +54,22 @@ Rules of this module:
   disk before the entries it replaces are gone.
 - The `RaftNode` must be created on a thread that outlives it (normally the main
   thread): pysyncobj's tick thread stops when its creating thread exits.
+- Snapshot installs are guarded (`_Replica._on_message`), because pysyncobj 0.3 has two
+  faults there that chaos runs hit (a restarted node installed the same snapshot five
+  times in 0.6 s, each time going back from the entries it had applied to the
+  snapshot's):
+  - A follower's commit index moves on every message of a snapshot transfer, to the
+    leader's commit index capped by its own log's end, although nothing checked that
+    log against the leader's: a member with an old term's entries would apply them. The
+    commit index stays where it was until a transfer is installed.
+  - A leader keeps sending a snapshot to a member that has installed it (it moves its
+    next index on a success only when the match index grows): its next index follows a
+    success now. And a member refuses a snapshot that is not newer than what it has
+    applied (it would go back, apply entries a second time and drop fsynced entries
+    from its journal) and asks the leader for the entries after its own instead.
+  - Our dump thread's rename and pysyncobj's rename of an installed snapshot over the
+    same dump file take one lock; a dump that finds a snapshot installed since it began
+    is discarded (FAILED), so an older dump never replaces a newer one.
 
 Leadership: `transfer_leadership` hands it to an up-to-date member (pysyncobj's
 TimeoutNow), appending nothing meanwhile (`_Replica._checkCommandsToApply`). When the
@@ -408,6 +424,66 @@ class _Replica(SyncObj):  # type: ignore[misc]
                 "journal is not in use (unsupported pysyncobj version)"
             )
         self._SyncObj__transport.setOnNodeDisconnectedCallback(self._on_node_disconnected)
+        self._SyncObj__transport.setOnMessageReceivedCallback(self._on_message)
+        serializer = self._SyncObj__serializer
+        receive = serializer.setTransmissionData
+
+        def set_transmission_data(data: Any) -> bool:
+            # The last chunk of the leader's snapshot renames it over the dump file.
+            with owner.dump_lock:
+                complete = bool(receive(data))
+                if complete:
+                    owner.dumps_installed += 1
+                return complete
+
+        serializer.setTransmissionData = set_transmission_data
+
+    def _on_message(self, node: Any, message: Any) -> None:
+        # Tick thread (pysyncobj's transport). See the module rules: snapshot installs.
+        kind = message.get("type") if type(message) is dict else None
+        if kind == "append_entries" and "prevLogIdx" not in message:
+            self._on_snapshot_message(node, message)
+            return
+        self._SyncObj__onMessageReceived(node, message)
+        if kind == "next_node_idx" and message.get("success") and self._isLeader():
+            next_index = self._SyncObj__raftNextIndex
+            reported = message.get("next_node_idx")
+            if node in next_index and type(reported) is int and next_index[node] < reported:
+                next_index[node] = reported
+
+    def _on_snapshot_message(self, node: Any, message: dict[str, Any]) -> None:
+        refused = False
+        serialized = message.get("serialized")
+        applied = int(self._SyncObj__raftLastApplied)
+        current = message.get("term", -1) >= self.raftCurrentTerm  # (else pysyncobj ignores it)
+        if current and serialized is not None and serialized[1]:  # (data, first, last)
+            index = snapshot_index(serialized[0])
+            if index is not None and index <= applied:
+                refused = True
+                message = {**message, "serialized": None}
+                logger.info(
+                    "raft snapshot at %d refused (%d applied here): asking for entries",
+                    index,
+                    applied,
+                )
+        commit = int(getattr(self, "_SyncObj__raftCommitIndex"))  # noqa: B009
+        installs = self._warren_owner.installs
+        self._SyncObj__onMessageReceived(node, message)
+        moved = int(getattr(self, "_SyncObj__raftCommitIndex")) > commit  # noqa: B009
+        if moved and self._warren_owner.installs == installs:
+            # Not installed (yet): nothing checked this log against the leader's.
+            setattr(self, "_SyncObj__raftCommitIndex", commit)  # noqa: B010
+            self._SyncObj__raftLog.setRaftCommitIndex(commit)
+        if refused:
+            self._SyncObj__transport.send(
+                node,
+                {
+                    "type": "next_node_idx",
+                    "next_node_idx": applied + 1,
+                    "reset": True,
+                    "success": False,
+                },
+            )
 
     def _on_node_disconnected(self, node: Any) -> None:
         # Tick thread (pysyncobj's transport). pysyncobj's own bookkeeping first.
@@ -525,6 +601,12 @@ class RaftNode:
         self._closed = False
         self._transfer: _Transfer | None = None
         self._ready = threading.Event()
+        self.installs = 0  # snapshots loaded (at start and from the leader): _Replica
+        # The leader's snapshots renamed over the dump file (pysyncobj does it in its
+        # serializer; `_Replica` wraps that under `dump_lock`), against our own dump
+        # thread's rename (see `_dump_in_background`).
+        self.dump_lock = threading.Lock()
+        self.dumps_installed = 0
         # The background dump (see the module rules): SERIALIZING while its thread runs,
         # then SUCCESS or FAILED until pysyncobj's checker call reads it.
         self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
@@ -909,7 +991,7 @@ class RaftNode:
         self._dump_state = SERIALIZER_STATE.SERIALIZING
         self._dump_thread = threading.Thread(
             target=self._dump_in_background,
-            args=(Path(self._config.dump_file), head, writer),
+            args=(Path(self._config.dump_file), head, writer, self.dumps_installed),
             name="warren-raft-dump",
             daemon=True,
         )
@@ -917,7 +999,7 @@ class RaftNode:
         raise _DumpInBackground
 
     def _dump_in_background(
-        self, target: Path, head: bytes, writer: Callable[[BinaryIO], None]
+        self, target: Path, head: bytes, writer: Callable[[BinaryIO], None], installed: int
     ) -> None:
         started = time.monotonic()
         temp = target.with_name(target.name + ".writing")
@@ -930,7 +1012,17 @@ class RaftNode:
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
-            os.replace(temp, target)
+            with self.dump_lock:
+                if self.dumps_installed != installed:
+                    # The leader's snapshot was installed over the dump file meanwhile: it
+                    # is newer than this one, which must not replace it (at the next start
+                    # the journal would not begin at the dump's entries, and pysyncobj
+                    # would clear it). FAILED: pysyncobj keeps the journal as it is.
+                    temp.unlink(missing_ok=True)
+                    logger.info("raft snapshot discarded: the leader's was installed meanwhile")
+                    self._dump_state = SERIALIZER_STATE.FAILED
+                    return
+                os.replace(temp, target)
             fsync_dir(target.parent)
         except Exception:
             logger.exception("raft snapshot failed; the journal is kept")
@@ -950,6 +1042,7 @@ class RaftNode:
 
     def _read_dump(self, filename: str) -> tuple[Any, Any, set[Any]]:
         """Restore our state from a dump and give pysyncobj back its raft metadata."""
+        self.installs += 1
         with open(filename, "rb") as f:
             # A dump installed from the leader was written and renamed without fsync, and
             # pysyncobj clears the journal right after this returns: make it durable first.
@@ -998,6 +1091,22 @@ class _Sink:
 def _entry_to_json(entry: Any) -> list[Any]:
     command, idx, term = entry
     return [bytes(command).hex(), int(idx), int(term)]
+
+
+def snapshot_index(head: bytes) -> int | None:
+    """The Raft index a dump covers, from its first bytes (the start of a snapshot
+    transfer); None when they do not hold a whole header of ours."""
+    start = len(_DUMP_MAGIC) + 4
+    if len(head) < start or head[: len(_DUMP_MAGIC)] != _DUMP_MAGIC:
+        return None
+    (size,) = struct.unpack_from(">I", head, len(_DUMP_MAGIC))
+    if len(head) < start + size:
+        return None
+    try:
+        last = json.loads(head[start : start + size])["last"]
+        return int(last[1])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _entry_from_json(raw: list[Any]) -> tuple[bytes, int, int]:

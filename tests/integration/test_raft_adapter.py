@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pysyncobj.config import SERIALIZER_STATE
 
 from cluster.journal import DurableJournal
 from cluster.raft import (
@@ -202,6 +203,66 @@ def test_two_of_three_commit_and_a_restarted_member_catches_up(
         5,
         "everyone applied the entry submitted by the restarted member",
     )
+
+
+@pytest.mark.timeout(40)
+def test_a_member_does_not_go_back_to_a_snapshot_it_has_applied(
+    make_cluster: Callable[..., list[Member]],
+) -> None:
+    """pysyncobj's leader sends its snapshot to any member whose next index is at or
+    below the start of its log, and kept doing so after the member had installed it (a
+    chaos run saw one member install the same snapshot five times in 0.6 s). A member
+    that has applied what the snapshot holds refuses it and asks for the entries after
+    its own: installing it would take its state back and apply entries a second time."""
+    members = make_cluster(3, log_compaction_min_entries=20)
+    leader = leader_of(members)
+    for i in range(30):
+        leader.node.submit(b"a%d" % i).result(timeout=10)
+    follower = next(m for m in members if m is not leader)
+    wait_until(lambda: len(follower.machine.copy()) == 30, 5, "the follower applied them")
+    dump = leader.config.dump_file
+    before = dump.stat().st_mtime_ns if dump.exists() else 0
+    leader.node.force_compaction()
+    wait_until(lambda: dump.exists() and dump.stat().st_mtime_ns != before, 5, "leader compacted")
+    restores = follower.machine.restores
+    # As after a stale reset: the leader believes the follower needs its snapshot.
+    replica = leader.node._replica
+    next_index = replica._SyncObj__raftNextIndex
+    address = follower.node.status().self_address
+    node = next(n for n in next_index if str(n) == address)
+    next_index[node] = 1
+    for i in range(10):
+        leader.node.submit(b"b%d" % i).result(timeout=10)
+    expected = leader.machine.copy()
+    wait_until(lambda: follower.machine.copy() == expected, 10, "the follower caught up")
+    assert follower.machine.restores == restores  # never went back to the snapshot
+    assert len(expected) == 40
+
+
+@pytest.mark.timeout(20)
+def test_a_dump_written_while_a_snapshot_was_installed_is_discarded(tmp_path: Path) -> None:
+    """Our own dump is written by a thread; if the leader's (newer) snapshot is renamed
+    over the dump file meanwhile, ours must not replace it: at the next start the
+    journal would not begin at the dump's entries and pysyncobj would clear it."""
+    cfg = RaftConfig(
+        self_address=("127.0.0.1", free_port()), peers=(), data_dir=tmp_path, password=PASSWORD
+    )
+    member = Member(cfg)
+    node = member.node
+    target = cfg.dump_file
+    target.write_bytes(b"the leader's snapshot")
+
+    def writer(out: Any) -> None:
+        out.write(b"our older state")
+        node.dumps_installed += 1  # as if an install completed while we were writing
+
+    node._dump_in_background(target, b"{}", writer, node.dumps_installed)
+    assert target.read_bytes() == b"the leader's snapshot"
+    assert node._check_dump() == SERIALIZER_STATE.FAILED
+    assert not target.with_name(target.name + ".writing").exists()
+    node._dump_in_background(target, b"{}", lambda out: out.write(b"x"), node.dumps_installed)
+    assert target.read_bytes() != b"the leader's snapshot"  # nothing installed: it is ours
+    assert node._check_dump() == SERIALIZER_STATE.SUCCESS
 
 
 @pytest.mark.timeout(30)
