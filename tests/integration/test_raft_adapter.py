@@ -166,17 +166,33 @@ def test_three_members_apply_the_same_entries_in_the_same_order(
     assert {s.role for s in statuses} == {"leader", "follower"}
 
 
+def thirty_applied(
+    make_cluster: Callable[..., list[Member]],
+) -> tuple[list[Member], Member, Member]:
+    """Three members compacting every 20 entries, 30 entries applied on the leader and a
+    follower: (members, leader, follower)."""
+    members = make_cluster(3, log_compaction_min_entries=20)
+    leader = leader_of(members)
+    for i in range(30):
+        leader.node.submit(b"a%d" % i).result(timeout=10)
+    follower = next(m for m in members if m is not leader)
+    wait_until(lambda: len(follower.machine.copy()) == 30, 5, "the follower applied them")
+    return members, leader, follower
+
+
+def compact(member: Member) -> None:
+    dump = member.config.dump_file
+    before = dump.stat().st_mtime_ns if dump.exists() else 0
+    member.node.force_compaction()
+    wait_until(lambda: dump.exists() and dump.stat().st_mtime_ns != before, 5, "compacted")
+
+
 @pytest.mark.timeout(40)
 def test_two_of_three_commit_and_a_restarted_member_catches_up(
     make_cluster: Callable[..., list[Member]],
 ) -> None:
     # Compact often so the restart goes through our dump format, not only the journal.
-    members = make_cluster(3, log_compaction_min_entries=20)
-    leader = leader_of(members)
-    for i in range(30):
-        leader.node.submit(b"a%d" % i).result(timeout=10)
-    victim = next(m for m in members if m is not leader)
-    wait_until(lambda: len(victim.machine.copy()) == 30, 5, "victim applied the first batch")
+    members, leader, victim = thirty_applied(make_cluster)
     wait_until(lambda: victim.config.dump_file.exists(), 10, "victim wrote a full dump")
     victim.node.close()
 
@@ -184,10 +200,7 @@ def test_two_of_three_commit_and_a_restarted_member_catches_up(
     for i in range(40):
         survivors[i % 2].node.submit(b"b%d" % i).result(timeout=10)
     # The survivors compacted past what the victim has: it needs the leader's snapshot.
-    dump = leader.config.dump_file
-    before = dump.stat().st_mtime_ns if dump.exists() else 0
-    leader.node.force_compaction()
-    wait_until(lambda: dump.exists() and dump.stat().st_mtime_ns != before, 5, "leader compacted")
+    compact(leader)
 
     reborn = make_cluster.restart(victim)  # type: ignore[attr-defined]
     expected = leader.machine.copy()
@@ -214,16 +227,8 @@ def test_a_member_does_not_go_back_to_a_snapshot_it_has_applied(
     chaos run saw one member install the same snapshot five times in 0.6 s). A member
     that has applied what the snapshot holds refuses it and asks for the entries after
     its own: installing it would take its state back and apply entries a second time."""
-    members = make_cluster(3, log_compaction_min_entries=20)
-    leader = leader_of(members)
-    for i in range(30):
-        leader.node.submit(b"a%d" % i).result(timeout=10)
-    follower = next(m for m in members if m is not leader)
-    wait_until(lambda: len(follower.machine.copy()) == 30, 5, "the follower applied them")
-    dump = leader.config.dump_file
-    before = dump.stat().st_mtime_ns if dump.exists() else 0
-    leader.node.force_compaction()
-    wait_until(lambda: dump.exists() and dump.stat().st_mtime_ns != before, 5, "leader compacted")
+    _, leader, follower = thirty_applied(make_cluster)
+    compact(leader)
     restores = follower.machine.restores
     # As after a stale reset: the leader believes the follower needs its snapshot.
     replica = leader.node._replica
