@@ -424,7 +424,7 @@ class _Replica(SyncObj):  # type: ignore[misc]
                 "journal is not in use (unsupported pysyncobj version)"
             )
         self._SyncObj__transport.setOnNodeDisconnectedCallback(self._on_node_disconnected)
-        self._SyncObj__transport.setOnMessageReceivedCallback(self._on_message)
+        self._incoming_index: int | None = None  # the snapshot being received (its index)
         serializer = self._SyncObj__serializer
         receive = serializer.setTransmissionData
 
@@ -437,6 +437,7 @@ class _Replica(SyncObj):  # type: ignore[misc]
                 return complete
 
         serializer.setTransmissionData = set_transmission_data
+        self._SyncObj__transport.setOnMessageReceivedCallback(self._on_message)
 
     def _on_message(self, node: Any, message: Any) -> None:
         # Tick thread (pysyncobj's transport). See the module rules: snapshot installs.
@@ -456,9 +457,16 @@ class _Replica(SyncObj):  # type: ignore[misc]
         serialized = message.get("serialized")
         applied = int(self._SyncObj__raftLastApplied)
         current = message.get("term", -1) >= self.raftCurrentTerm  # (else pysyncobj ignores it)
-        if current and serialized is not None and serialized[1]:  # (data, first, last)
-            index = snapshot_index(serialized[0])
-            if index is not None and index <= applied:
+        if current and serialized is not None:
+            data, first, last = serialized
+            if first:
+                self._incoming_index = snapshot_index(data)
+            index = self._incoming_index
+            if last:
+                self._incoming_index = None
+            # At the first chunk, and again at the last (this member may have applied
+            # more while the transfer ran: it replays its own journal after a start).
+            if (first or last) and index is not None and index <= applied:
                 refused = True
                 message = {**message, "serialized": None}
                 logger.info(
