@@ -300,7 +300,7 @@ class _Conn:
         self.direct = direct
         self.flush_due = False
         self.sending = False
-        self.last_write = anyio.current_time()
+        self.last_write = time.monotonic()
 
 
 def _take_batch(conn: _Conn) -> tuple[list[bytes], int, int]:
@@ -485,7 +485,7 @@ class NodeLink:
     def _sent(self, conn: _Conn, size: int, frames: int) -> None:
         self.messages_sent += frames
         self.bytes_sent += size - 4 * frames
-        conn.last_write = anyio.current_time()
+        conn.last_write = time.monotonic()
 
     def is_up(self, peer: str) -> bool:
         """True while our outbound connection to `peer` is authenticated and alive."""
@@ -740,10 +740,10 @@ class NodeLink:
                     conn.in_flight = 0
                     self._sent(conn, size, frames)
                     continue
-                idle_left = conn.last_write + heartbeat_s - anyio.current_time()
+                idle_left = conn.last_write + heartbeat_s - time.monotonic()
                 if idle_left <= 0:
                     await stream.send(_HEARTBEAT)
-                    conn.last_write = anyio.current_time()
+                    conn.last_write = time.monotonic()
                     continue
                 conn.wake = anyio.Event()  # `send` sets it; checked `queue` just above
                 with anyio.move_on_after(idle_left):
