@@ -279,17 +279,20 @@ class ComposeCluster:
         )
 
     def wait_settled(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
-        """Healthy, and every node sees every member reachable and a quorum."""
+        """Healthy, every node sees every member reachable and a quorum, and every node has
+        applied what is committed (one that is still catching up after a partition may yet
+        install a snapshot, which closes its clients' connections: 320, "resynchronised")."""
         self.wait_healthy(timeout)
 
         def settled() -> bool:
-            for i in range(3):
-                status = self.status(i)
+            statuses = [self.status(i) for i in range(3)]
+            for status in statuses:
                 if not status["raft"]["has_quorum"]:
                     return False
                 if not all(m["reachable"] and m["alive"] for m in status["members"]):
                     return False
-            return True
+            committed = max(status["raft"]["commit_index"] for status in statuses)
+            return all(status["raft"]["last_applied"] >= committed for status in statuses)
 
         wait_until(settled, timeout, "every member reachable from every node", interval=0.5)
 
