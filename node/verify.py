@@ -401,8 +401,9 @@ class Ledger:
         self.copies: dict[tuple[int, int], list[bool]] = {}
         # Where each message's first copy came from (wall time, the consumer's
         # subscription number): an unflagged duplicate is reported with both copies.
-        self.first_at = array("d", bytes(8 * count))
-        self.first_subscription = array("I", bytes(4 * count))
+        # Grown as messages arrive (a --duration run may be given a huge --count).
+        self.first_at = array("d")
+        self.first_subscription = array("I")
         self.unflagged: list[Copies] = []
         self.first_publish: float | None = None
         self.last_confirm: float | None = None
@@ -438,6 +439,10 @@ class Ledger:
             self.received[index] = 1
             self.received_count += 1
             self.received_confirmed += self.confirmed[index]
+            if index >= len(self.first_at):
+                more = max(index + 1 - len(self.first_at), len(self.first_at), 1024)
+                self.first_at.frombytes(bytes(8 * more))
+                self.first_subscription.frombytes(bytes(4 * more))
             self.first_at[index] = at
             self.first_subscription[index] = subscription
             return None
@@ -457,9 +462,10 @@ class Ledger:
         return report
 
     def tally(self) -> Tally:
-        confirmed = [i for i, flag in enumerate(self.confirmed) if flag]
+        n = self.count  # (--duration may have cut the run short: nothing was sent past it)
+        confirmed = [i for i, flag in enumerate(self.confirmed[:n]) if flag]
         copies = {key: list(flags) for key, flags in list(self.copies.items())}
-        return account(self.count, list(self.attempts), confirmed, copies)
+        return account(n, self.attempts[:n], confirmed, copies)
 
     @property
     def publish_seconds(self) -> float:
