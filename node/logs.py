@@ -20,11 +20,17 @@ def _fmt_value(value: Any) -> str:
     return text
 
 
+def wall_time(at: float) -> str:
+    """A `time.time()` as the logs stamp their lines: UTC, milliseconds."""
+    whole = int(at)
+    millis = int((at - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         parts = [
-            f"ts={ts}.{int(record.msecs):03d}Z",
+            f"ts={wall_time(record.created)}",
             f"level={record.levelname.lower()}",
             f"logger={record.name}",
             f"event={_fmt_value(record.getMessage())}",

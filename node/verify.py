@@ -50,7 +50,7 @@ from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 import click
 
-from node.logs import EventLogger, configure
+from node.logs import EventLogger, configure, wall_time
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -338,14 +338,7 @@ def format_summary(summary: Summary) -> str:
     if summary.foreign:
         rows.append(("other runs' messages", f"{summary.foreign} (acked, ignored)"))
     for copies in summary.unflagged_sample:
-        rows.append(
-            (
-                "unflagged",
-                f"message {copies.message} attempt {copies.attempt}:"
-                f" {wall_time(copies.first_at)} (subscription {copies.first_subscription}),"
-                f" again {wall_time(copies.at)} (subscription {copies.subscription})",
-            )
-        )
+        rows.append(("unflagged", copies.describe()))
     problems = summary.problems()
     rows.append(("result", "FAILED: " + "; ".join(problems) if problems else "OK"))
     width = max(len(label) for label, _ in rows)
@@ -368,6 +361,13 @@ class Copies:
     at: float
     subscription: int
 
+    def describe(self) -> str:
+        return (
+            f"message {self.message} attempt {self.attempt}:"
+            f" {wall_time(self.first_at)} (subscription {self.first_subscription}),"
+            f" again {wall_time(self.at)} (subscription {self.subscription})"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "message": self.message,
@@ -378,13 +378,6 @@ class Copies:
             "at": wall_time(self.at),
             "subscription": self.subscription,
         }
-
-
-def wall_time(at: float) -> str:
-    """A `time.time()` as the node logs write theirs (UTC, milliseconds)."""
-    whole = int(at)
-    millis = int((at - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
 class Ledger:
