@@ -331,6 +331,38 @@ class Cluster:
 
         return int(wait_until(agreed, timeout, "an agreed Raft leader")) - 1
 
+    def replica_view(self, i: int) -> dict[str, Any]:
+        """What node i's copy of the replicated state says, at the Raft index it applied:
+        members and whether they are alive, how many queues each leads, every queue's
+        leader, the messages in its copies of the durable logs. Nothing node-local."""
+        status = self.status(i)
+        raft = status["raft"]
+        return {
+            "applied": raft["last_applied"],
+            "caught_up": raft["last_applied"] == raft["commit_index"],
+            "members": [(m["name"], m["alive"], m["queues_led"]) for m in status["members"]],
+            "queues": sorted((q["vhost"], q["name"], q["node"]) for q in self.queues(i)),
+            "logged_messages": status["durable"]["logged_messages"],
+        }
+
+    def wait_replicas_agree(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until every node has applied the same Raft index and its replica says the
+        same as the others'; the agreed view. The AssertionError names each node's view."""
+        views: list[dict[str, Any]] = []
+
+        def agreed() -> dict[str, Any] | None:
+            views[:] = [self.replica_view(i) for i in range(len(self.nodes))]
+            first = views[0]
+            if first["caught_up"] and all(view == first for view in views[1:]):
+                return first
+            return None
+
+        try:
+            return dict(wait_until(agreed, timeout, "the replicas to agree"))
+        except AssertionError as exc:
+            named = {node.name: view for node, view in zip(self.nodes, views, strict=False)}
+            raise AssertionError(f"{exc}; views: {named}") from None
+
     def rebalance(self, i: int) -> dict[str, Any]:
         status, body = http_post(f"{self.nodes[i].management_url}/api/warren/rebalance")
         assert status == 200, (status, body)

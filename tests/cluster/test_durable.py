@@ -340,3 +340,13 @@ def test_chaos_for_two_minutes_with_warren_verify(own_cluster: Cluster, tmp_path
     assert summary["complete"]
     assert 0 < summary["confirmed"] == summary["count"] < CHAOS_MESSAGES
     assert kills >= 10, f"only {kills} kills in {took:.0f}s"
+    # After it all, the three replicas say the same (members, queue leaders, durable logs).
+    for node in c.nodes:
+        if not node.running:
+            node.start()
+    c.wait_healthy()
+    wait_until(
+        lambda: all(m["alive"] for m in c.status(0)["members"]), 60, "every member alive again"
+    )
+    view = c.wait_replicas_agree(60)
+    assert [name for name, _, _ in view["members"]] == sorted(n.name for n in c.nodes)
