@@ -17,7 +17,8 @@ Rules:
   as commands for that proxy channel.
 - The Raft leader watches the members: one that stays unreachable over the link for
   DOWN_AFTER_S is replicated as NodeDown (its queues move to live nodes), and NodeUp when
-  it is back.
+  it is back and serves. A node says it serves (READY) over the link once it has caught
+  up; one that is back on the link after a restart and still catching up is down.
 - Nothing here blocks the loop; nothing here raises into a client's connection: failures
   become `ClusterUnavailable` (the channel answers with a channel error).
 """
@@ -32,7 +33,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol
@@ -87,6 +88,9 @@ REVIVED_GRACE_S: Final = 1.5
 # After this node became ready, members it has not reached yet are not judged for a
 # while: links come up. (One it reached and then lost is judged at once, grace or not.)
 STARTUP_GRACE_S: Final = 3.0
+# A member whose link came back up has this long to say it serves (READY, sent at once
+# by a node that serves) before it counts as down: it restarted and is catching up.
+READY_WAIT_S: Final = 0.5
 # warren_raft_commit_latency_seconds buckets: fsynced commits take milliseconds to tens.
 COMMIT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 NO_QUORUM = 541  # replaced by the channel's error: see unavailable()
@@ -203,6 +207,9 @@ class ClusterNode:
         self.remote_conns: dict[int, str] = {}
         self._applied_out: dict[str, list[bytes]] = {}
         self._down_since: dict[str, float] = {}
+        # Peers that said READY on their current connection, and when each link came up.
+        self._serving: set[str] = set()
+        self._up_since: dict[str, float] = {}
         # Each member's `alive` at the last monitor turn, and when it was last seen
         # coming back (alive again): see REVIVED_GRACE_S.
         self._alive_seen: dict[str, bool] = {}
@@ -288,6 +295,8 @@ class ClusterNode:
                 self.shell.state.touch_queues(_now_ms())
                 self.shell.absorb(self.shell.state.activate(_now_ms()))
                 self.ready.set()
+                for peer in self._link.up_peers():
+                    self._link.send(peer, wire.ready())
                 self._started = time.monotonic()
                 self.log.info("cluster.ready", raft_leader=self.raft.status().leader)
                 tg.start_soon(self._monitor)
@@ -440,7 +449,7 @@ class ClusterNode:
             for member in state.members.values():
                 self._link_peer(member.name, member.link)
             for peer in self._link.up_peers():
-                self._link.send(peer, wire.reset())
+                self._send_reset(peer)
             self.log.info("raft.snapshot_restored", members=len(state.members))
 
         self._call_on_loop(restore)
@@ -617,6 +626,12 @@ class ClusterNode:
     def is_up(self, node: str) -> bool:
         return node == self.name or self._link.is_up(node)
 
+    def serves(self, node: str) -> bool:
+        """`node` has caught up and serves, as far as this node knows (READY)."""
+        if node == self.name:
+            return self.ready.is_set()
+        return self._link.is_up(node) and node in self._serving
+
     # ---- effects the shell hands over --------------------------------------------------
 
     def remote_effect(self, effect: Deliver | CancelConsumer) -> None:
@@ -767,7 +782,13 @@ class ClusterNode:
             assert isinstance(message, wire.CancelNotify)
             shell.remote_cancel(message.channel, message.consumer_tag)
         elif kind is wire.Reset:
+            self._serving.discard(peer)  # (a READY follows if it serves)
             self._peer_gone(peer)
+            if self.ready.is_set():
+                self._link.send(peer, wire.ready())  # (its view of us starts over too)
+        elif kind is wire.Ready:
+            self._serving.add(peer)
+            self._down_since.pop(peer, None)
 
     def _serve_request(self, peer: str, request: wire.Request) -> None:
         command = request.command
@@ -793,14 +814,26 @@ class ClusterNode:
         """A (new) connection to `peer`: whatever it held for this node's clients, and
         this node for its clients, may be stale (either side may have restarted, or the
         link dropped one way only): RESET, first on the new connection, makes it drop
-        both, as this node did when the link went down."""
-        self._down_since.pop(peer, None)
+        both, as this node did when the link went down. Then READY if this node serves
+        (the peer answers a RESET with its own READY if it does). When the link went
+        down stays recorded until the peer says READY: back on the link, but not
+        serving, it is still down (see judge_members)."""
         self._revived_at.pop(peer, None)
+        self._up_since[peer] = time.monotonic()
         self.log.info("link.peer_up", peer=peer)
+        self._send_reset(peer)
+
+    def _send_reset(self, peer: str) -> None:
+        """RESET, then READY if this node serves: a peer forgets that this node serves
+        on a RESET (a restarted node's first message), and learns it again from READY."""
         self._link.send(peer, wire.reset())
+        if self.ready.is_set():
+            self._link.send(peer, wire.ready())
 
     def _on_peer_down(self, peer: str) -> None:
         self._down_since[peer] = time.monotonic()
+        self._serving.discard(peer)
+        self._up_since.pop(peer, None)
         self.log.info("link.peer_down", peer=peer)
         self._peer_gone(peer)
 
@@ -860,8 +893,8 @@ class ClusterNode:
             )
             members = list(self.shell.state.members.values())
             verdicts = judge_members(
-                self.name, members, self._link.is_up, self._down_since, self._revived_at,
-                now, settled,
+                self.name, members, self._link.is_up, self._serving.__contains__,
+                self._down_since, self._up_since, self._revived_at, now, settled,
             )  # fmt: skip
             for down, name in verdicts:
                 command = c.NodeDown if down else c.NodeUp
@@ -923,6 +956,7 @@ class ClusterNode:
                     "link_address": member.link or None,
                     "management_address": member.management or None,
                     "reachable": self.is_up(member.name),
+                    "serving": self.serves(member.name),
                     "alive": member.alive,
                     "queues_led": counts.get(member.name, 0),
                 }
@@ -1006,35 +1040,51 @@ def judge_members(
     me: str,
     members: Sequence[MemberInfo],
     is_up: Callable[[str], bool],
+    serves: Callable[[str], bool],
     down_since: dict[str, float],
+    up_since: Mapping[str, float],
     revived_at: dict[str, float],
     now: float,
     settled: bool,
 ) -> list[tuple[bool, str]]:
     """The Raft leader's verdicts on the members this turn: (True, name) to replicate
-    NodeDown, (False, name) for NodeUp. A live member whose link is down is judged down
-    once it has been down for DOWN_AFTER_S: at once counting from when this node saw its
-    link drop (`down_since`), or, for one this node never reached, only when `settled`
-    (this node has run and led for a while: links come up), counting from now (recorded
-    in `down_since`). A member just back (`revived_at`) gets REVIVED_GRACE_S for the
-    link to redial it. A dead member whose link is up is judged up when `settled`."""
+    NodeDown, (False, name) for NodeUp.
+
+    A live member whose link is down is judged down once it has been down for
+    DOWN_AFTER_S: at once counting from when this node saw its link drop (`down_since`),
+    or, for one this node never reached, only when `settled` (this node has run and led
+    for a while: links come up), counting from now (recorded in `down_since`). A member
+    just back (`revived_at`) gets REVIVED_GRACE_S for the link to redial it.
+
+    A live member whose link this node saw drop and come back up (`up_since`), and that
+    has not said it serves (`serves`: READY) within READY_WAIT_S, is judged down too: it
+    restarted and is catching up, and its queues would wait for it meanwhile (it refuses
+    what is forwarded to it until it serves).
+
+    A dead member is judged up when `settled`, its link is up and it serves: one that is
+    still catching up is not, so it is no target for the next dead member's queues (once
+    it serves it announces itself, which makes it alive as well)."""
     verdicts: list[tuple[bool, str]] = []
     for member in members:
         name = member.name
         if name == me:
             continue
         up = is_up(name)
-        if member.alive and not up:
+        serving = up and serves(name)
+        if member.alive and not serving:
             if now - revived_at.get(name, -math.inf) < REVIVED_GRACE_S:
                 continue  # just back: the link has not redialed it yet
             since = down_since.get(name)
-            if since is None:
+            if up:
+                if since is None or now - up_since.get(name, now) < READY_WAIT_S:
+                    continue  # not seen going down, or the link is only just back
+            elif since is None:
                 if not settled:
                     continue
                 since = down_since.setdefault(name, now)
             if now - since >= DOWN_AFTER_S:
                 verdicts.append((True, name))
-        elif not member.alive and up and settled:
+        elif not member.alive and serving and settled:
             verdicts.append((False, name))
     return verdicts
 

@@ -21,6 +21,10 @@ Kinds (origin = the node a client is connected to, leader = the node leading a q
   ids (read-your-writes: the origin answers its client once every live node has).
 - CANCEL (leader → origin): server-initiated basic.cancel of a remote consumer.
 - RESET (any → all): the sender lost every proxy channel it held for others (restart).
+- READY (any → all): the sender serves (it has caught up with the Raft log and is
+  active); sent on each new connection and on a RESET by a node that serves, and by a
+  restarted node once it does. The Raft leader judges a member by it (see
+  `cluster.node.judge_members`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ RESPONSE: Final = 6
 APPLIED: Final = 7
 CANCEL: Final = 8
 RESET: Final = 9
+READY: Final = 10
 
 # kind, seq, channel (conn, number), now_ms, queue count, vhost/exchange/key/props/body
 # lengths, redelivered
@@ -145,8 +150,22 @@ class Reset:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pass
+
+
 LinkMessage = (
-    Enqueue | Confirm | Delivery | CommandMsg | Request | Response | Applied | CancelNotify | Reset
+    Enqueue
+    | Confirm
+    | Delivery
+    | CommandMsg
+    | Request
+    | Response
+    | Applied
+    | CancelNotify
+    | Reset
+    | Ready
 )
 
 
@@ -258,6 +277,10 @@ def cancel(channel: ChannelRef, consumer_tag: str) -> bytes:
 
 def reset() -> bytes:
     return bytes((RESET,))
+
+
+def ready() -> bytes:
+    return bytes((READY,))
 
 
 def _reply_bytes(reply: Reply) -> bytes:
@@ -434,6 +457,10 @@ def _decode(data: bytes) -> LinkMessage:
         r.take(1)
         r.end()
         return Reset()
+    if kind == READY:
+        r.take(1)
+        r.end()
+        return Ready()
     raise WireError(f"unknown link message kind {kind}")
 
 

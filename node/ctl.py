@@ -107,7 +107,9 @@ COLUMN_HEADERS = {
     "channel_details.name": "channel",
     "channel_details.node": "node",
 }
-MEMBER_COLUMNS = ["name", "raft_address", "amqp_address", "reachable", "alive", "queues_led"]
+MEMBER_COLUMNS = [
+    "name", "raft_address", "amqp_address", "reachable", "serving", "alive", "queues_led"
+]  # fmt: skip
 
 
 class CtlError(Exception):

@@ -1,6 +1,7 @@
 """Network namespaces for partition tests: each node in a namespace of its own, joined to
 the root namespace (where the test's clients run) by a veth pair; blackhole routes cut one
-node off from the other two while the test still reaches all three. Needs root."""
+node off from the other two while the test still reaches all three; iptables rules in a
+node's namespace cut only its Raft traffic. Needs root."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from typing import Any
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
-    cmd = ["ip", *(("netns", "exec", ns, "ip") if ns else ()), *args]
+    _run(["ip", *(("netns", "exec", ns, "ip") if ns else ()), *args])
+
+
+def _iptables(ns: str, *args: str) -> None:
+    _run(["ip", "netns", "exec", ns, "iptables", "-w", "5", *args])
+
+
+def _run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
@@ -28,6 +36,7 @@ class Netns:
     names: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     blackholes: list[tuple[str, str]] = field(default_factory=list)  # (ns, address)
+    filters: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (ns, rule)
     forward_rule: tuple[str, ...] = ()  # the iptables FORWARD rule added, if any
 
     def host(self, i: int) -> str:
@@ -86,10 +95,28 @@ class Netns:
         _ip("route", "add", "blackhole", address, ns=ns)
         self.blackholes.append((ns, address))
 
+    def cut_raft(self, i: int, raft_ports: list[int]) -> None:
+        """Node i's Raft traffic is dropped (both ways; `raft_ports[j]` is node j's Raft
+        port) while its node link, AMQP and HTTP ports still work: a node that cannot catch
+        up with the Raft log, its link to the others up."""
+        ns = self.names[i]
+        self._filter(ns, ("INPUT", "-p", "tcp", "--dport", str(raft_ports[i]), "-j", "DROP"))
+        for j, port in enumerate(raft_ports):
+            if j != i:
+                rule = ("OUTPUT", "-p", "tcp", "-d", self.host(j), "--dport", str(port))
+                self._filter(ns, (*rule, "-j", "DROP"))
+
+    def _filter(self, ns: str, rule: tuple[str, ...]) -> None:
+        _iptables(ns, "-A", *rule)
+        self.filters.append((ns, rule))
+
     def heal(self) -> None:
         while self.blackholes:
             ns, address = self.blackholes.pop()
             _ip("route", "del", "blackhole", address, ns=ns)
+        while self.filters:
+            ns, rule = self.filters.pop()
+            _iptables(ns, "-D", *rule)
 
     def teardown(self) -> None:
         for ns in self.names:

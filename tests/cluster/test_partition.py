@@ -10,6 +10,7 @@ import contextlib
 import time
 from typing import Any
 
+import pika
 import pika.exceptions
 import pytest
 
@@ -172,3 +173,74 @@ def test_minority_refuses_changes_and_catches_up_after_heal(
     assert (method is not None, body) == (True, b"shared")
     assert c.status(iso)["raft"]["has_quorum"] is True
     assert not problems, problems
+
+
+def _member(c: Cluster, i: int, name: str) -> dict[str, Any]:
+    return next(m for m in c.status(i)["members"] if m["name"] == name)
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_node_that_has_not_caught_up_is_not_up(
+    netns: Netns, start_cluster: ClusterFactory
+) -> None:
+    """A node back on the node link but not caught up with the Raft log (here its Raft
+    traffic is cut) does not serve: it is neither marked up nor a target for queues until
+    it says it serves (READY), and then it is."""
+    c = start_cluster(**netns.cluster_options())
+    c.wait_monitor_grace()
+    leader = c.raft_leader()
+    v = next(i for i in range(3) if i != leader)
+    victim = c[v].name
+    live = [i for i in range(3) if i != v]
+    queue = unique("q-catching-up")
+    ch = c.channel(v, confirm=True)
+    ch.queue_declare(queue, durable=True)  # client-local: the victim leads it
+    persistent = pika.BasicProperties(delivery_mode=2)
+    for n in range(5):
+        ch.basic_publish("", queue, f"m{n}".encode(), properties=persistent)
+
+    c[v].kill()
+    wait_until(
+        lambda: (
+            not _member(c, leader, victim)["alive"]
+            and c.queue_leader(leader, queue) in {c[i].name for i in live}
+        ),
+        10,
+        f"{victim} marked down and {queue} moved off it",
+    )
+    netns.cut_raft(v, [node.raft_port for node in c.nodes])
+    c[v].start()
+    wait_until(
+        lambda: _member(c, leader, victim)["reachable"], 30, f"{victim} back on the node link"
+    )
+    time.sleep(2.0)  # READY_WAIT_S and a few monitor turns: a NodeUp would be in by now
+    for i in live:
+        member = _member(c, i, victim)
+        seen = {k: member[k] for k in ("reachable", "serving", "alive")}
+        assert seen == {"reachable": True, "serving": False, "alive": False}, (c[i].name, seen)
+    assert not c[v].healthy()  # (its management port opens once it serves)
+
+    # a balanced declare places no queue on it: it leads none (the live nodes lead two)
+    placed = []
+    for k in range(3):
+        name = unique(f"q-balanced{k}")
+        c.channel(live[0]).queue_declare(name, arguments={"x-queue-leader-locator": "balanced"})
+        placed.append(c.queue_leader(live[0], name))
+    assert victim not in placed, placed
+    # the moved queue serves its persistent messages from a live node
+    get = c.channel(live[1])
+    bodies = [get.basic_get(queue, auto_ack=True)[2] for _ in range(5)]
+    assert bodies == [f"m{n}".encode() for n in range(5)]
+
+    # its Raft traffic back: it catches up, serves, and is marked up again
+    netns.heal()
+    wait_until(
+        lambda: all(
+            m["alive"] and m["serving"] and m["reachable"]
+            for i in range(3)
+            for m in c.status(i)["members"]
+        ),
+        30,
+        "every member alive and serving again",
+    )
+    c.channel(v).queue_declare(queue, passive=True)

@@ -242,6 +242,7 @@ CLUSTER = {
             "amqp_address": "127.0.0.1:5672",
             "link_address": "127.0.0.1:4421",
             "reachable": True,
+            "serving": True,
             "alive": True,
             "queues_led": 3,
         },
@@ -251,6 +252,7 @@ CLUSTER = {
             "amqp_address": None,
             "link_address": None,
             "reachable": False,
+            "serving": False,
             "alive": True,
             "queues_led": 12,
         },
@@ -348,9 +350,9 @@ def test_ctl_status(fake_node: FakeNode) -> None:
     ]
     assert lines[8:] == [
         "",
-        "name      raft address    amqp address    reachable  alive  queues led",
-        "warren-1  127.0.0.1:4321  127.0.0.1:5672  yes        yes             3",
-        "warren-2  127.0.0.1:4322  -               no         yes            12",
+        "name      raft address    amqp address    reachable  serving  alive  queues led",
+        "warren-1  127.0.0.1:4321  127.0.0.1:5672  yes        yes      yes             3",
+        "warren-2  127.0.0.1:4322  -               no         no       yes            12",
     ]
     assert fake_node.requests == [("GET", "/api/warren/cluster", b"")]
 

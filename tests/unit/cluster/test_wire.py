@@ -204,6 +204,7 @@ def encoded(bodies: st.SearchStrategy[bytes]) -> st.SearchStrategy[tuple[bytes, 
         st.builds(applied_msg, IDS),
         st.builds(cancel_msg, REFS, NAME),
         st.just((wire.reset(), wire.Reset())),
+        st.just((wire.ready(), wire.Ready())),
     )
 
 
@@ -242,7 +243,7 @@ def same(got: Any, expected: Any) -> None:
 @given(encoded(BODIES))
 def test_every_message_round_trips(case: tuple[bytes, Any]) -> None:
     data, expected = case
-    assert data[0] in range(wire.ENQUEUE, wire.RESET + 1)
+    assert data[0] in range(wire.ENQUEUE, wire.READY + 1)
     same(wire.decode(data), expected)
 
 
@@ -258,6 +259,7 @@ def test_every_message_round_trips(case: tuple[bytes, Any]) -> None:
         command_msg(c.Recover(channel=ChannelRef(1, 1))),
         request_msg(0, c.Get(channel=ChannelRef(1, 1), vhost="/", queue="q", no_ack=True)),
         (wire.reset(), wire.Reset()),
+        (wire.ready(), wire.Ready()),
     ],
 )
 def test_examples_round_trip(data: bytes, expected: Any) -> None:
@@ -349,7 +351,7 @@ def test_empty_input() -> None:
         wire.decode(b"")
 
 
-@pytest.mark.parametrize("kind", [0, 10, 11, 100, 255])
+@pytest.mark.parametrize("kind", [0, 11, 12, 100, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(wire.WireError, match="unknown"):
         wire.decode(bytes((kind,)) + b"\x00" * 40)
@@ -440,6 +442,7 @@ def test_trailing_bytes_are_a_wire_error() -> None:
         "applied": wire.applied((b"id",)),
         "cancel": wire.cancel(ChannelRef(3, 4), "ctag"),
         "reset": wire.reset(),
+        "ready": wire.ready(),
         "count": wire.response(3, Count(5)),
         "get-empty": wire.response(3, GetEmpty()),
         "ok": wire.response(3, Ok()),
@@ -487,7 +490,7 @@ def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
 
 @settings(max_examples=250, deadline=None)
 @given(
-    st.sampled_from(range(wire.ENQUEUE, wire.RESET + 1)),
+    st.sampled_from(range(wire.ENQUEUE, wire.READY + 1)),
     st.sampled_from(range(7)),
     st.binary(max_size=60),
 )
