@@ -75,7 +75,9 @@ Leadership: `transfer_leadership` hands it to an up-to-date member (pysyncobj's
 TimeoutNow), appending nothing meanwhile (`_Replica._checkCommandsToApply`). When the
 leader's connection closes (its process is gone; a partition keeps sockets open), the
 members left stand for election at once, staggered by rank (`_Replica`), instead of after
-raft_min..max_timeout: a dead leader costs tens of milliseconds, not up to 1.4 s.
+raft_min..max_timeout: a dead leader costs tens of milliseconds, not up to 1.4 s. (Also
+when a candidate's request_vote arrives before the disconnect notice: pysyncobj forgets
+the leader on the higher term, so the member remembers the leader it last knew.)
 
 Outcomes of `submit`: the future resolves with `apply`'s result once the entry is
 committed and applied on THIS node (so a read on this node right after sees it). Failures
@@ -425,6 +427,9 @@ class _Replica(SyncObj):  # type: ignore[misc]
             )
         self._SyncObj__transport.setOnNodeDisconnectedCallback(self._on_node_disconnected)
         self._incoming_index: int | None = None  # the snapshot being received (its index)
+        # The leader this member last knew of: a candidate's higher-term request_vote
+        # makes pysyncobj forget it, possibly before the leader's disconnect is noticed.
+        self._last_leader: Any = None
         serializer = self._SyncObj__serializer
         receive = serializer.setTransmissionData
 
@@ -441,6 +446,7 @@ class _Replica(SyncObj):  # type: ignore[misc]
 
     def _on_message(self, node: Any, message: Any) -> None:
         # Tick thread (pysyncobj's transport). See the module rules: snapshot installs.
+        self._note_leader()
         kind = message.get("type") if type(message) is dict else None
         if kind == "append_entries" and "prevLogIdx" not in message:
             self._on_snapshot_message(node, message)
@@ -493,10 +499,16 @@ class _Replica(SyncObj):  # type: ignore[misc]
                 },
             )
 
+    def _note_leader(self) -> None:
+        leader = self._getLeader()
+        if leader is not None:
+            self._last_leader = leader
+
     def _on_node_disconnected(self, node: Any) -> None:
         # Tick thread (pysyncobj's transport). pysyncobj's own bookkeeping first.
+        self._note_leader()
         self._SyncObj__onNodeDisconnected(node)
-        if self._isLeader() or node != self._getLeader():
+        if self._isLeader() or not self._lost_leader(node):
             return
         # The leader's connection closed: its process died or restarted (a partition or
         # a frozen host keeps the socket open; those wait for the election timeout). Elect
@@ -512,6 +524,18 @@ class _Replica(SyncObj):  # type: ignore[misc]
             self._SyncObj__raftElectionDeadline = deadline
             logger.info("raft leader %s disconnected: election in %.0f ms", node, 1000 * delay)
             self.notify_tick()  # tick again now, not after a poll period of silence
+
+    def _lost_leader(self, node: Any) -> bool:
+        """`node`, whose connection closed, is the leader this member follows; or it was,
+        and a candidate's request_vote (a higher term) came first: pysyncobj then knows
+        no leader, and if it refused that candidate (its log is behind this member's)
+        nothing hurries this member's own election but this. A member that voted in this
+        term waits for its candidate instead."""
+        leader = self._getLeader()
+        if leader is not None:
+            return bool(node == leader)
+        voted = getattr(self, "_SyncObj__votedForNodeId")  # noqa: B009
+        return bool(node == self._last_leader and voted is None)
 
     def _onTick(self, timeToWait: float = 0.0) -> None:  # pysyncobj calls it by this name
         # pysyncobj's tick thread polls its sockets for `timeToWait` (auto_tick_period)

@@ -244,6 +244,61 @@ def test_a_member_does_not_go_back_to_a_snapshot_it_has_applied(
     assert len(expected) == 40
 
 
+@pytest.mark.timeout(40)
+def test_a_refused_candidate_ahead_of_the_leaders_disconnect_still_hurries_the_election(
+    make_cluster: Callable[..., list[Member]],
+) -> None:
+    """When the leader's connection closes, the member first in rank stands at once and
+    the next one ELECTION_STEP_S later. Here the first one's log is behind: the other
+    refuses it. That member sees the candidate's request_vote before its own notice of
+    the leader's disconnect (held back here until then); pysyncobj has forgotten the
+    leader on the higher term by the time the notice comes. The member must still stand
+    in its own slot, not after raft_min_timeout (0.8 s)."""
+    members = make_cluster()
+    leader = leader_of(members)
+    first, second = sorted(
+        (m for m in members if m is not leader), key=lambda m: m.node.status().self_address
+    )
+    first_replica, second_replica = first.node._replica, second.node._replica
+
+    # `first` misses the next entry, which `leader` and `second` commit: its log is behind.
+    deaf = threading.Event()
+    deaf.set()
+
+    def first_gets(node: Any, message: Any) -> None:
+        if not (deaf.is_set() and message.get("type") == "append_entries"):
+            first_replica._on_message(node, message)
+
+    first_replica._SyncObj__transport.setOnMessageReceivedCallback(first_gets)
+    # `second` notices a disconnect only after the next request_vote it gets.
+    held: list[Any] = []
+
+    def second_gets(node: Any, message: Any) -> None:
+        second_replica._on_message(node, message)
+        if message.get("type") == "request_vote":
+            while held:
+                second_replica._on_node_disconnected(held.pop())
+
+    second_transport = second_replica._SyncObj__transport
+    second_transport.setOnNodeDisconnectedCallback(held.append)
+    second_transport.setOnMessageReceivedCallback(second_gets)
+
+    leader.node.submit(b"only-two-have-it").result(timeout=10)
+    wait_until(lambda: second.machine.copy()[-1:] == [b"only-two-have-it"], 5, "second applied")
+    assert first.machine.copy()[-1:] != [b"only-two-have-it"]
+    term = leader.node.status().term
+    leader.node.close()  # (returns once its tick thread has closed the sockets)
+    closed = time.monotonic()
+    deaf.clear()
+    wait_until(lambda: second.node.status().role == "leader", 10, "second elected")
+    took = time.monotonic() - closed
+    print(f"\nsecond elected {took * 1000:.0f} ms after the leader closed")
+    assert second.node.status().term > term + 1  # (first stood in term + 1 and lost)
+    assert took < 0.5, f"second was elected {took:.2f}s after the leader closed"
+    second.node.submit(b"after").result(timeout=10)
+    wait_until(lambda: first.machine.copy()[-1:] == [b"after"], 5, "first caught up")
+
+
 @pytest.mark.timeout(20)
 def test_a_dump_written_while_a_snapshot_was_installed_is_discarded(tmp_path: Path) -> None:
     """Our own dump is written by a thread; if the leader's (newer) snapshot is renamed
