@@ -25,7 +25,10 @@ Rules of this module:
 - Liveness: each side writes a heartbeat on each connection (outbound and inbound) when
   it wrote nothing for `heartbeat_s`; a connection on which nothing arrived for
   `dead_after_s` is closed as dead. That detects partitions where packets are silently
-  dropped and no socket is ever closed.
+  dropped and no socket is ever closed. Silence this node did not listen to is no
+  verdict: when its own watch woke STOOD_STILL_S or more past its deadline (the process
+  was stopped, its VM paused, its loop blocked), the peer gets another `dead_after_s`,
+  and what it sent meanwhile is read first.
 - One writer task per connection drains a deque filled by `send` (which never awaits).
   That deque is the only buffer: the caller watches `buffered_bytes` for backpressure.
   A connection that is lost drops what it had queued ("peer down" means "messages may
@@ -75,6 +78,8 @@ RECEIVE_BYTES: Final = 256 * 1024
 HOLD_READING_S: Final = 0.05
 HOLD_POLL_S: Final = 0.001
 BACKOFF_MIN_S: Final = 0.1
+# A silence watch that wakes this much past its deadline says this node stood still.
+STOOD_STILL_S: Final = 1.0
 BACKOFF_MAX_S: Final = 1.0
 NONCE_BYTES: Final = 32
 MAX_NAME_BYTES: Final = 255
@@ -797,6 +802,7 @@ class NodeLink:
             if decoder.error is not None:
                 raise decoder.error
             while not conn.closed:
+                deadline = time.monotonic() + dead_after_s
                 with anyio.move_on_after(dead_after_s):
                     if not await direct.wait():
                         lost = direct.lost
@@ -809,7 +815,13 @@ class NodeLink:
                             await anyio.sleep(HOLD_POLL_S)
                     direct.resume()
                     continue
-                if time.monotonic() - direct.last_data >= dead_after_s:
+                now = time.monotonic()
+                if now - deadline >= STOOD_STILL_S:
+                    self._log.info(
+                        "link.stood_still", peer=conn.peer, late_s=round(now - deadline, 1)
+                    )
+                    continue  # (this node did not listen: no verdict on the peer)
+                if now - direct.last_data >= dead_after_s:
                     self._close(conn, f"nothing received for {dead_after_s}s")
                     return
         except FrameTooLarge as exc:

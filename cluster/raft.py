@@ -413,6 +413,10 @@ class _Replica(SyncObj):  # type: ignore[misc]
     ) -> None:
         # Set before SyncObj.__init__: its tick thread may call into us at once.
         self._warren_owner = owner
+        self._last_tick: float | None = None  # (pysyncobj's clock)
+        self._stood_still_s = conf.raftMinTimeout
+        self._listen_first_s = 2 * conf.appendEntriesPeriod
+        self._fallback_s = conf.leaderFallbackTimeout
         handoff = _JournalHandoff(journal)
         token = _journal_handoff.set(handoff)
         try:
@@ -543,7 +547,36 @@ class _Replica(SyncObj):  # type: ignore[misc]
         # heartbeat, a follower's election deadline, or one of ours (RaftNode.next_due_in).
         if timeToWait > 0:
             timeToWait = min(timeToWait, self._due_in(), self._warren_owner.next_due_in())
+        self._listen_after_standing_still()
         super()._onTick(timeToWait)
+
+    def _listen_after_standing_still(self) -> None:
+        # A member whose tick thread stood still past the election timeout (its process
+        # stopped, its VM paused, the GIL held) acts on timers it did not listen through.
+        # A follower finds its election deadline past: it would stand at once, before
+        # reading the heartbeats waiting in its sockets, and depose a leader that is alive
+        # (after a pause of the whole cluster, every follower does). A leader finds its
+        # members' last responses older than leader_fallback_timeout and steps down.
+        # Either listens for 2 heartbeat periods first.
+        now = _pysyncobj_clock()
+        last, self._last_tick = self._last_tick, now
+        if last is None or now - last < self._stood_still_s:
+            return
+        if self._isLeader():
+            heard = self._SyncObj__lastResponseTime
+            fresh = now - self._fallback_s + self._listen_first_s
+            for node in list(heard):
+                heard[node] = max(heard[node], fresh)
+            logger.info("raft tick stood still %.1fs: leading on for now", now - last)
+            return
+        listen_until = now + self._listen_first_s
+        if float(getattr(self, "_SyncObj__raftElectionDeadline")) < listen_until:  # noqa: B009
+            self._SyncObj__raftElectionDeadline = listen_until
+            logger.info(
+                "raft tick stood still %.1fs: listening %.0f ms before any election",
+                now - last,
+                1000 * self._listen_first_s,
+            )
 
     def _due_in(self) -> float:
         # Seconds (pysyncobj's clock) until Raft itself has something to do; inf when the

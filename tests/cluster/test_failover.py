@@ -6,6 +6,8 @@ with a deadline (`bounded`), so a hung broker fails the test instead of stalling
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -297,3 +299,40 @@ def test_killed_node_rejoins_after_restart(own_cluster: Cluster) -> None:
     c.channel(victim).queue_declare(again)
     c.channel(survivor).queue_declare(again, passive=True)
     assert c.queue_leader(survivor, again) == c[victim].name
+
+
+@pytest.mark.timeout(90)
+def test_a_paused_cluster_resumes_without_an_election_or_a_link_drop(
+    own_cluster: Cluster,
+) -> None:
+    """All three nodes stopped together (SIGSTOP, as a paused VM or a suspended laptop
+    running `warren up`) for longer than the link's dead_after (3 s) and the election
+    timeout: on SIGCONT no node takes its own silence for its peers' (no link drops, no
+    election, the same leader and term), and the cluster serves at once."""
+    c = own_cluster
+    c.wait_monitor_grace()
+    leader = c.raft_leader()
+    term = c.status(leader)["raft"]["term"]
+    queue = unique("q-paused")
+    c.channel(1).queue_declare(queue)  # led by node 1, used from node 0 and 2
+    logged = [len(c[i].log()) for i in range(3)]
+
+    pids = [c[i].proc.pid for i in range(3)]  # type: ignore[union-attr]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(5.0)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(2.0)  # links' and Raft's timers fire now, if they are going to
+
+    assert c.raft_leader() == leader
+    for i in range(3):
+        raft = c.status(i)["raft"]
+        assert raft["term"] == term, (c[i].name, raft)
+        since = c[i].log()[logged[i] :]
+        assert "link.peer_down" not in since, f"{c[i].name} dropped a link:\n{since[-3000:]}"
+        assert "role follower -> candidate" not in since, f"{c[i].name} stood:\n{since[-3000:]}"
+    publisher = c.channel(0, confirm=True)
+    publisher.basic_publish("", queue, b"after the pause", mandatory=True)
+    method, _props, body = c.channel(2).basic_get(queue, auto_ack=True)
+    assert (method is not None, body) == (True, b"after the pause")
