@@ -61,6 +61,11 @@ def wait_until(
         time.sleep(interval)
 
 
+def member(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """Member `name`'s row of a node's /api/warren/cluster answer (`Cluster.status`)."""
+    return next(m for m in status["members"] if m["name"] == name)
+
+
 def http_get(url: str, timeout: float = 2.0, *, auth: bool = True) -> tuple[int, Any]:
     """(status, decoded JSON body or None)."""
     request = urllib.request.Request(url)

@@ -16,7 +16,7 @@ from typing import Any
 import pika.exceptions
 import pytest
 
-from tests.cluster.support import Cluster, bounded, unique, wait_until
+from tests.cluster.support import Cluster, bounded, member, unique, wait_until
 
 # What the brief asks: the queue serves again within ~2 s after the kill is detected
 # (~0.4 s + election); the test allows 5 s from the kill itself.
@@ -122,15 +122,11 @@ def test_queue_serves_again_after_its_leader_is_killed(
     assert not any(body.startswith(b"before-kill-") for body in more)
 
     status = wait_until(
-        lambda: (s := c.status(client)) and not _member(s, c[victim].name)["alive"] and s,
+        lambda: (s := c.status(client)) and not member(s, c[victim].name)["alive"] and s,
         5,
         f"{c[victim].name} marked down",
     )
-    assert _member(status, c[victim].name)["reachable"] is False
-
-
-def _member(status: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(m for m in status["members"] if m["name"] == name)
+    assert member(status, c[victim].name)["reachable"] is False
 
 
 @dataclass
@@ -258,7 +254,7 @@ def test_killed_node_rejoins_after_restart(own_cluster: Cluster) -> None:
     c.channel(survivor).queue_declare(before)
     c[victim].kill()
     wait_until(
-        lambda: not _member(c.status(survivor), c[victim].name)["alive"],
+        lambda: not member(c.status(survivor), c[victim].name)["alive"],
         10,
         f"{c[victim].name} marked down",
     )

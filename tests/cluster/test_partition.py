@@ -15,7 +15,7 @@ import pika.exceptions
 import pytest
 
 from tests.cluster.netns import Netns
-from tests.cluster.support import Cluster, ClusterFactory, bounded, unique, wait_until
+from tests.cluster.support import Cluster, ClusterFactory, bounded, member, unique, wait_until
 
 # How soon a cut-off node must say so in /api/warren/cluster: it refuses declares within
 # REPLICATE_TIMEOUT_S (5 s) and a cut-off leader steps down after 5 s, so 15 s is generous.
@@ -175,10 +175,6 @@ def test_minority_refuses_changes_and_catches_up_after_heal(
     assert not problems, problems
 
 
-def _member(c: Cluster, i: int, name: str) -> dict[str, Any]:
-    return next(m for m in c.status(i)["members"] if m["name"] == name)
-
-
 @pytest.mark.timeout(180)
 def test_a_restarted_node_that_has_not_caught_up_is_not_up(
     netns: Netns, start_cluster: ClusterFactory
@@ -202,7 +198,7 @@ def test_a_restarted_node_that_has_not_caught_up_is_not_up(
     c[v].kill()
     wait_until(
         lambda: (
-            not _member(c, leader, victim)["alive"]
+            not member(c.status(leader), victim)["alive"]
             and c.queue_leader(leader, queue) in {c[i].name for i in live}
         ),
         10,
@@ -211,12 +207,12 @@ def test_a_restarted_node_that_has_not_caught_up_is_not_up(
     netns.cut_raft(v, [node.raft_port for node in c.nodes])
     c[v].start()
     wait_until(
-        lambda: _member(c, leader, victim)["reachable"], 30, f"{victim} back on the node link"
+        lambda: member(c.status(leader), victim)["reachable"], 30, f"{victim} back on the node link"
     )
     time.sleep(2.0)  # READY_WAIT_S and a few monitor turns: a NodeUp would be in by now
     for i in live:
-        member = _member(c, i, victim)
-        seen = {k: member[k] for k in ("reachable", "serving", "alive")}
+        row = member(c.status(i), victim)
+        seen = {k: row[k] for k in ("reachable", "serving", "alive")}
         assert seen == {"reachable": True, "serving": False, "alive": False}, (c[i].name, seen)
     assert not c[v].healthy()  # (its management port opens once it serves)
 
