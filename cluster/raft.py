@@ -431,8 +431,9 @@ class _Replica(SyncObj):  # type: ignore[misc]
             )
         self._SyncObj__transport.setOnNodeDisconnectedCallback(self._on_node_disconnected)
         self._incoming_index: int | None = None  # the snapshot being received (its index)
-        # The leader this member last knew of: a candidate's higher-term request_vote
+        # The leader this member knew of when a request_vote last came in: a higher term
         # makes pysyncobj forget it, possibly before the leader's disconnect is noticed.
+        # (Only a request_vote, or this member's own candidacy, clears a follower's.)
         self._last_leader: Any = None
         serializer = self._SyncObj__serializer
         receive = serializer.setTransmissionData
@@ -450,8 +451,9 @@ class _Replica(SyncObj):  # type: ignore[misc]
 
     def _on_message(self, node: Any, message: Any) -> None:
         # Tick thread (pysyncobj's transport). See the module rules: snapshot installs.
-        self._note_leader()
         kind = message.get("type") if type(message) is dict else None
+        if kind == "request_vote":
+            self._note_leader()  # (a higher term makes pysyncobj forget the leader)
         if kind == "append_entries" and "prevLogIdx" not in message:
             self._on_snapshot_message(node, message)
             return
@@ -510,7 +512,6 @@ class _Replica(SyncObj):  # type: ignore[misc]
 
     def _on_node_disconnected(self, node: Any) -> None:
         # Tick thread (pysyncobj's transport). pysyncobj's own bookkeeping first.
-        self._note_leader()
         self._SyncObj__onNodeDisconnected(node)
         if self._isLeader() or not self._lost_leader(node):
             return
